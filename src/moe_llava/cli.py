@@ -1,0 +1,40 @@
+"""`moe-llava` console script: one entry point, one sub-command group per concern.
+
+Each group lives next to the code it drives (``moe_llava.<concern>.cli``) and exposes
+``register(subparsers)``; this file only wires them together, importing lazily so that
+``moe-llava --help`` stays fast and a broken optional group cannot break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# group name -> module exposing `register(subparsers) -> None`
+COMMAND_GROUPS: dict[str, str] = {
+    "model": "moe_llava.model.cli",
+    "demo": "moe_llava.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-llava", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMAND_GROUPS.values():
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:  # configuration / input errors: one clear line, no traceback
+        print(f"moe-llava: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
