@@ -1,0 +1,154 @@
+"""Build an ``MoELlavaForCausalLM`` (and its image processor) from a model recipe (``conf/model/*.yaml``).
+
+A recipe names each tower by hub id or local directory (``name_or_path``) and/or by explicit
+``transformers`` config values (``config``). With ``pretrained=True`` the weights come from
+``name_or_path`` through the towers' own ``from_pretrained``; otherwise the towers are built from
+``config`` (randomly initialised, or on the ``meta`` device for counting parameters without
+downloads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    CLIPImageProcessorPil,
+    CLIPVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    SiglipImageProcessorPil,
+    SiglipVisionModel,
+)
+
+from moe_llava.constants import IMAGE_TOKEN
+from moe_llava.model.modeling import MoELlavaForCausalLM
+
+# Vision towers by config `model_type`: full CLIP/SigLIP checkpoints load their vision half.
+VISION_TOWER_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+}
+
+
+def _as_dict(value: Mapping | DictConfig | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return dict(value)
+
+
+def tower_config(spec: Mapping, role: str) -> PreTrainedConfig:
+    """The ``transformers`` config of a tower spec: explicit values, else the checkpoint's own."""
+    spec = _as_dict(spec)
+    values = _as_dict(spec.get("config"))
+    if values:
+        if "model_type" not in values:
+            raise ValueError(f"model.{role}.config needs a model_type (e.g. clip_vision_model, llama, phi)")
+        values = dict(values)
+        model_type = values.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **values)
+        except ValueError as err:
+            raise ValueError(f"model.{role}.config.model_type={model_type!r}: {err}") from err
+    if spec.get("name_or_path"):
+        return AutoConfig.from_pretrained(spec["name_or_path"])
+    raise ValueError(f"model.{role} needs name_or_path or config")
+
+
+def _vision_class(config: PreTrainedConfig) -> type[PreTrainedModel]:
+    try:
+        return VISION_TOWER_CLASSES[config.model_type]
+    except KeyError:
+        raise ValueError(
+            f"model.vision_tower: unsupported vision model_type={config.model_type!r}; "
+            f"supported: {sorted(VISION_TOWER_CLASSES)}"
+        ) from None
+
+
+def build_vision_tower(spec: Mapping, pretrained: bool, dtype=None) -> PreTrainedModel:
+    spec = _as_dict(spec)
+    config = tower_config(spec, "vision_tower")
+    vision_config = getattr(config, "vision_config", config)  # full CLIP/SigLIP config -> vision half
+    cls = _vision_class(config)
+    if pretrained and spec.get("name_or_path"):
+        return cls.from_pretrained(spec["name_or_path"], dtype=dtype)
+    return cls._from_config(vision_config, dtype=dtype)
+
+
+def build_language_model(spec: Mapping, pretrained: bool, dtype=None, tokenizer=None) -> PreTrainedModel:
+    spec = _as_dict(spec)
+    if pretrained and spec.get("name_or_path"):
+        model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=dtype)
+    else:
+        config = tower_config(spec, "language_model")
+        if tokenizer is not None:  # a from-scratch LM gets exactly the tokenizer's vocabulary
+            config.vocab_size = len(tokenizer)
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                if getattr(tokenizer, name, None) is not None:
+                    setattr(config, name, getattr(tokenizer, name))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def ensure_image_token(tokenizer) -> int:
+    """Id of ``<image>`` in ``tokenizer``, adding it as a special token when the tokenizer lacks it."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def build_model(
+    vision_tower: Mapping,
+    language_model: Mapping,
+    tokenizer=None,
+    pretrained: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    image_token_id: int | None = None,
+    **config_kwargs,
+) -> MoELlavaForCausalLM:
+    """Build the dense MoE-LLaVA model of a recipe.
+
+    Args:
+        vision_tower / language_model: ``{"name_or_path": ..., "config": {"model_type": ..., ...}}``.
+        tokenizer: sets the image token id (adding ``<image>`` if needed) and sizes the vocabulary.
+        pretrained: load weights from ``name_or_path`` where given (False: build from ``config``).
+        device: e.g. ``"meta"`` to count parameters of a real recipe without allocating them.
+        config_kwargs: other :class:`MoELlavaConfig` fields (vision_feature_layer, router_aux_loss_coef ...).
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if tokenizer is not None:
+        image_token_id = ensure_image_token(tokenizer)
+    with torch.device(device) if device is not None else nullcontext():
+        vision = build_vision_tower(vision_tower, pretrained, dtype)
+        language = build_language_model(language_model, pretrained, dtype, tokenizer)
+    if image_token_id is None:  # no tokenizer: reserve the last row of the vocabulary
+        image_token_id = language.get_input_embeddings().num_embeddings - 1
+    return MoELlavaForCausalLM.from_components(vision, language, image_token_id=image_token_id, **config_kwargs)
+
+
+def build_image_processor(vision_tower: Mapping, pretrained: bool = True):
+    # The PIL processors: the default (fast) ones need torchvision, which has no CPU-only wheel to pin.
+    """The vision tower's own ``transformers`` image processor (from the checkpoint, or matching ``config``)."""
+    spec = _as_dict(vision_tower)
+    if pretrained and spec.get("name_or_path"):
+        return AutoImageProcessor.from_pretrained(spec["name_or_path"])
+    config = tower_config(spec, "vision_tower")
+    config = getattr(config, "vision_config", config)
+    size = config.image_size
+    if _vision_class(config) is SiglipVisionModel:
+        return SiglipImageProcessorPil(size={"height": size, "width": size})
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

@@ -1,0 +1,278 @@
+"""Sparse top-k Mixture-of-Experts FFN, a drop-in replacement for a decoder layer's MLP.
+
+Routing follows the MoE-LLaVA reference (DeepSpeed's `top2gating`): an fp32 linear router,
+softmax over all experts, top-1 = argmax, top-2 = best remaining expert, capacity
+``C = max(min_capacity, ceil(S / E * capacity_factor * k))`` filled in token order with every
+top-1 assignment before any top-2 one, kept gate weights renormalised to sum to 1. What it
+does differently from the reference:
+
+* dispatch sorts token copies by expert and gathers them (cost linear in tokens), instead of the
+  one-hot ``einsum`` over a (tokens x experts x capacity) tensor (quadratic in tokens);
+* every expert runs every step, on a possibly empty slice, so all parameters take part in the
+  autograd graph and plain DDP needs no ``find_unused_parameters``;
+* capacity ``None`` means dropless; second-expert Gumbel noise is optional and training-only;
+* padding tokens are excluded from routing, capacity, statistics and the aux loss.
+
+Token-level side information (padding and image/text masks) reaches the block through
+:func:`set_routing_masks`, because a decoder layer calls its MLP with hidden states only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterStats:
+    """Routing statistics of one MoE layer's latest forward (detached tensors, on the layer's device).
+
+    Counts cover non-padding tokens only (unless the block counts padding). ``*_top1`` counts a
+    token once, for its top-1 expert; ``assigned`` counts all k assignments before capacity;
+    ``kept`` after capacity. The image/text split is present when a modality mask was given.
+    """
+
+    num_tokens: torch.Tensor  # scalar
+    top1: torch.Tensor  # (E,)
+    assigned: torch.Tensor  # (E,)
+    kept: torch.Tensor  # (E,)
+    entropy: torch.Tensor  # scalar, mean routing entropy (nats) per token
+    image_top1: torch.Tensor | None = None  # (E,)
+    text_top1: torch.Tensor | None = None  # (E,)
+    image_assigned: torch.Tensor | None = None  # (E,)
+    text_assigned: torch.Tensor | None = None  # (E,)
+
+    @property
+    def drop_fraction(self) -> float:
+        assigned = float(self.assigned.sum())
+        return 0.0 if assigned == 0 else 1.0 - float(self.kept.sum()) / assigned
+
+
+class SparseMoeBlock(nn.Module):
+    """Top-k MoE over copies of a dense FFN.
+
+    Attributes:
+        router: ``nn.Linear(hidden_size, num_experts, bias=False)``, evaluated in fp32.
+        experts: ``nn.ModuleList`` of modules with the dense FFN's exact class, names and shapes.
+        aux_loss, z_loss: losses of the latest forward (0-dim tensors with grad).
+        last_stats: :class:`RouterStats` of the latest forward.
+    """
+
+    def __init__(
+        self,
+        experts: list[nn.Module],
+        hidden_size: int,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 0,
+        second_expert_noise: bool = False,
+        count_padding: bool = False,
+        renormalize: bool | None = None,
+    ):
+        super().__init__()
+        num_experts = len(experts)
+        if num_experts < 2:
+            raise ValueError(f"num_experts must be >= 2, got num_experts={num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 or None (dropless), got {name}={value}")
+        if min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got min_capacity={min_capacity}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.second_expert_noise = second_expert_noise
+        self.count_padding = count_padding
+        # The reference renormalises top-2 weights but feeds top-1 its raw probability (so the router
+        # still gets an LM gradient); `None` reproduces both.
+        self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.experts = nn.ModuleList(experts)
+        weight = next(experts[0].parameters())
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32)
+
+        self.padding_mask: torch.Tensor | None = None
+        self.modality_mask: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.last_stats: RouterStats | None = None
+
+    @classmethod
+    def from_dense(
+        cls,
+        mlp: nn.Module,
+        num_experts: int = 4,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 0,
+        hidden_size: int | None = None,
+        **kwargs,
+    ) -> SparseMoeBlock:
+        """Upcycle ``mlp``: ``num_experts`` exact copies of it behind a fresh router."""
+        if num_experts < 2:
+            raise ValueError(f"num_experts must be >= 2, got num_experts={num_experts}")
+        if hidden_size is None:
+            first_linear = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None)
+            if first_linear is None:
+                raise ValueError(
+                    f"cannot infer hidden_size of {type(mlp).__name__}: it has no nn.Linear; pass hidden_size="
+                )
+            hidden_size = first_linear.in_features
+        experts = [copy.deepcopy(mlp) for _ in range(num_experts)]
+        return cls(
+            experts,
+            hidden_size,
+            top_k=top_k,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity,
+            **kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+            f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}"
+        )
+
+    # ------------------------------------------------------------------ routing
+    def _token_masks(self, token_shape: torch.Size) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Flattened (valid, is_image) masks when they match this forward's tokens, else None."""
+
+        def flat(mask):
+            if mask is None or tuple(mask.shape) != tuple(token_shape):
+                return None
+            return mask.reshape(-1).bool()
+
+        valid = None if self.count_padding else flat(self.padding_mask)
+        return valid, flat(self.modality_mask)
+
+    def _select_experts(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """(S, k) expert indices: argmax first, then the best of the rest (optionally Gumbel-noised)."""
+        if not (self.second_expert_noise and self.training and self.top_k > 1):
+            return probs.topk(self.top_k, dim=-1).indices
+        first = probs.argmax(dim=-1, keepdim=True)
+        uniform = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
+        noisy = logits - torch.log(-torch.log(uniform))
+        noisy = noisy.scatter(1, first, float("-inf"))
+        rest = noisy.topk(self.top_k - 1, dim=-1).indices
+        return torch.cat([first, rest], dim=-1)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for ``num_tokens`` routed tokens, or None when dropless."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return max(self.min_capacity, math.ceil(num_tokens / self.num_experts * factor * self.top_k))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        token_shape = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        num_slots, k, num_experts = x.shape[0], self.top_k, self.num_experts
+        valid, is_image = self._token_masks(token_shape)
+
+        logits = F.linear(x.float(), self.router.weight.float())  # (S, E), fp32 whatever the model dtype
+        probs = logits.softmax(dim=-1)
+        topk_idx = self._select_experts(logits, probs)  # (S, k)
+        topk_prob = probs.gather(1, topk_idx)
+
+        # Assignments in priority order: all rank-0 (top-1) choices in token order, then rank-1, ...
+        flat_expert = topk_idx.t().reshape(-1)  # (k*S,)
+        if valid is not None:  # padding goes to a sentinel bin E that is never computed
+            flat_expert = torch.where(valid.repeat(k), flat_expert, num_experts)
+        order = torch.argsort(flat_expert, stable=True)  # grouped by expert, priority order inside
+        sorted_expert = flat_expert[order]
+        assigned = torch.bincount(flat_expert, minlength=num_experts + 1)
+        num_tokens = num_slots if valid is None else int(valid.sum())
+
+        capacity = self.capacity(num_tokens)
+        keep_sorted = sorted_expert < num_experts
+        if capacity is not None:
+            group_start = assigned.cumsum(0) - assigned
+            position = torch.arange(order.numel(), device=x.device) - group_start[sorted_expert]
+            keep_sorted &= position < capacity
+        keep = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(k, num_slots).t()  # (S, k)
+
+        weights = topk_prob * keep
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+        kept_order = order[keep_sorted]  # flat (rank-major) assignment ids, grouped by expert
+        token_idx = kept_order % num_slots
+        kept = torch.bincount(sorted_expert[keep_sorted], minlength=num_experts + 1)[:num_experts]
+        expert_inputs = x.index_select(0, token_idx).split(kept.tolist())
+        # Every expert runs, even on zero tokens, so all of them are in the autograd graph.
+        expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, expert_inputs)])
+        gate = weights.t().reshape(-1)[kept_order].unsqueeze(-1).to(expert_out.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_idx, expert_out * gate)
+
+        self._record_losses_and_stats(logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept)
+        return out.view(hidden_states.shape)
+
+    def _record_losses_and_stats(self, logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept):
+        num_experts = self.num_experts
+        top1 = topk_idx[:, 0]
+        if valid is not None:
+            probs, logits, top1, topk_idx = probs[valid], logits[valid], top1[valid], topk_idx[valid]
+            is_image = is_image[valid] if is_image is not None else None
+        denom = max(num_tokens, 1)
+        top1_counts = torch.bincount(top1, minlength=num_experts)
+        # Switch/GShard balance loss on top-1 counts (before dropping): minimum 1.0 when balanced.
+        mean_prob = probs.sum(dim=0) / denom
+        self.aux_loss = num_experts * (mean_prob * top1_counts.to(mean_prob.dtype) / denom).sum()
+        self.z_loss = torch.logsumexp(logits, dim=-1).square().sum() / denom
+
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / denom
+            stats = RouterStats(
+                num_tokens=torch.tensor(num_tokens),
+                top1=top1_counts,
+                assigned=assigned[:num_experts],
+                kept=kept,
+                entropy=entropy,
+            )
+            if is_image is not None:
+                stats.image_top1 = torch.bincount(top1[is_image], minlength=num_experts)
+                stats.text_top1 = torch.bincount(top1[~is_image], minlength=num_experts)
+                stats.image_assigned = torch.bincount(topk_idx[is_image].reshape(-1), minlength=num_experts)
+                stats.text_assigned = torch.bincount(topk_idx[~is_image].reshape(-1), minlength=num_experts)
+            self.last_stats = stats
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[str, SparseMoeBlock]]:
+    """(qualified name, block) of every SparseMoeBlock in ``model``, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseMoeBlock)]
+
+
+def set_routing_masks(
+    model: nn.Module, padding_mask: torch.Tensor | None = None, modality_mask: torch.Tensor | None = None
+) -> None:
+    """Tell every MoE block of ``model`` which tokens of the next forward are real and which are image tokens.
+
+    Both masks are (batch, seq) and describe the tokens fed to the decoder (True/1 = real token,
+    True = image token). A block ignores masks whose shape does not match its input (e.g. the
+    one-token decode steps of generation). The masks stay set so that activation-checkpoint
+    recomputation during backward routes exactly as the forward did.
+    """
+    for _, block in moe_blocks(model):
+        block.padding_mask = padding_mask
+        block.modality_mask = modality_mask
+
+
+def moe_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Sum over MoE blocks of the latest forward's (aux_loss, z_loss); (None, None) without MoE blocks."""
+    blocks = [block for _, block in moe_blocks(model) if block.aux_loss is not None]
+    if not blocks:
+        return None, None
+    return torch.stack([b.aux_loss for b in blocks]).sum(), torch.stack([b.z_loss for b in blocks]).sum()
