@@ -21,17 +21,19 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/moe-llava demo
 
+# pytest exit 5 = "no tests collected": a test run that tests nothing must fail, not pass.
 test: setup
-	$(VENV)/bin/ruff check src tests flows
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup
-	$(VENV)/bin/ruff check src tests flows
-	$(VENV)/bin/ruff format --check src tests flows
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 
 format: setup
-	$(VENV)/bin/ruff check --fix src tests flows
-	$(VENV)/bin/ruff format src tests flows
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

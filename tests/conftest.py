@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach a model hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, PhiConfig, Qwen2Config
@@ -83,7 +89,9 @@ def multimodal_batch(model: MoELlavaForCausalLM, batch: int = 2, text_len: int =
     n = model.num_image_tokens
     image_id = model.config.image_token_id
     text = torch.randint(3, image_id, (batch, text_len), generator=g)
-    input_ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), image_id), text], dim=1)
+    input_ids = torch.cat(
+        [torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), image_id), text], dim=1
+    )
     size = model.config.vision_config.image_size
     return {
         "input_ids": input_ids,

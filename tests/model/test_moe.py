@@ -82,7 +82,9 @@ def test_capacity_drop_order_top1_before_top2_in_token_order():
     for e in range(4):
         queue = [(r, t) for r in range(2) for t in range(24) if choices[t][r] == e]
         assert sum(kept[t][r] for r, t in queue) == min(6, len(queue))
-        assert [kept[t][r] for r, t in queue] == [True] * min(6, len(queue)) + [False] * max(0, len(queue) - 6)
+        assert [kept[t][r] for r, t in queue] == [True] * min(6, len(queue)) + [False] * max(
+            0, len(queue) - 6
+        )
         assert int(stats.kept[e]) == min(6, len(queue))
         assert int(stats.assigned[e]) == len(queue)
     assert 0 < stats.drop_fraction < 1

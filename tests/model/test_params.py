@@ -29,7 +29,9 @@ def test_phi2_recipe_matches_paper_counts_on_meta():
     assert counts.total == sum(p.total for p in counts.parts.values())
 
 
-@pytest.mark.parametrize(("recipe", "total", "activated"), [("qwen_clip336", 3.1e9, 2.2e9), ("stablelm_clip336", 2.9e9, 2.0e9)])
+@pytest.mark.parametrize(
+    ("recipe", "total", "activated"), [("qwen_clip336", 3.1e9, 2.2e9), ("stablelm_clip336", 2.9e9, 2.0e9)]
+)
 def test_other_recipes_close_to_paper(recipe, total, activated):
     model = instantiate(OmegaConf.load(REPO / f"conf/model/{recipe}.yaml"), pretrained=False, device="meta")
     model.upcycle(num_experts=4, top_k=2, layers="sparse")
@@ -39,7 +41,9 @@ def test_other_recipes_close_to_paper(recipe, total, activated):
 
 
 def test_bare_language_model_counts_exactly():
-    lm = build_language_model({"config": {"model_type": "llama", **tiny_llama_config().to_diff_dict()}}, False)
+    lm = build_language_model(
+        {"config": {"model_type": "llama", **tiny_llama_config().to_diff_dict()}}, False
+    )
     dense = count_parameters(lm)
     assert dense.total == dense.activated == sum(p.numel() for p in lm.parameters())
     expert = sum(p.numel() for p in lm.model.layers[0].mlp.parameters())
@@ -53,5 +57,7 @@ def test_bare_language_model_counts_exactly():
 
 def test_meta_device_build_allocates_nothing():
     with torch.device("meta"):
-        lm = build_language_model({"config": {"model_type": "llama", **tiny_llama_config().to_diff_dict()}}, False)
+        lm = build_language_model(
+            {"config": {"model_type": "llama", **tiny_llama_config().to_diff_dict()}}, False
+        )
     assert all(p.device.type == "meta" for p in lm.parameters())

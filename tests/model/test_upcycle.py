@@ -25,7 +25,9 @@ def test_upcycled_logits_equal_dense(kind, capacity):
     input_ids = torch.randint(0, VOCAB, (3, 20))
     with torch.no_grad():
         dense_logits = model(input_ids).logits
-        indices = upcycle_to_moe(model, num_experts=4, top_k=2, capacity_factor=capacity, eval_capacity_factor=capacity)
+        indices = upcycle_to_moe(
+            model, num_experts=4, top_k=2, capacity_factor=capacity, eval_capacity_factor=capacity
+        )
         # A random router that prefers different experts per token: identity must not depend on it.
         for layer in find_decoder_layers(model):
             if isinstance(layer.mlp, SparseMoeBlock):
@@ -91,7 +93,9 @@ def test_invalid_settings_raise_value_error_naming_the_setting(kwargs, setting):
     model = dense_lm("llama")
     with pytest.raises(ValueError, match=setting):
         upcycle_to_moe(model, **kwargs)
-    assert not any(isinstance(m, SparseMoeBlock) for m in model.modules()), "a failed upcycle must change nothing"
+    assert not any(isinstance(m, SparseMoeBlock) for m in model.modules()), (
+        "a failed upcycle must change nothing"
+    )
 
 
 def test_model_without_recognisable_ffn():

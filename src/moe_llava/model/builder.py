@@ -137,7 +137,9 @@ def build_model(
         language = build_language_model(language_model, pretrained, dtype, tokenizer)
     if image_token_id is None:  # no tokenizer: reserve the last row of the vocabulary
         image_token_id = language.get_input_embeddings().num_embeddings - 1
-    return MoELlavaForCausalLM.from_components(vision, language, image_token_id=image_token_id, **config_kwargs)
+    return MoELlavaForCausalLM.from_components(
+        vision, language, image_token_id=image_token_id, **config_kwargs
+    )
 
 
 def build_image_processor(vision_tower: Mapping, pretrained: bool = True):

@@ -45,7 +45,9 @@ class MoELlavaConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"projector_type={self.projector_type!r} is not supported; expected one of {PROJECTOR_TYPES}")
+            raise ValueError(
+                f"projector_type={self.projector_type!r} is not supported; expected one of {PROJECTOR_TYPES}"
+            )
         # Word-embedding tying is the language model's own business.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 

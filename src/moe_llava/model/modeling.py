@@ -94,23 +94,27 @@ class MoELlavaForCausalLM(PreTrainedModel):
         The skeleton is built on the meta device, so nothing is allocated or initialised twice;
         only the projector is created fresh.
         """
-        config = MoELlavaConfig(vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs)
+        config = MoELlavaConfig(
+            vision_config=vision_tower.config, text_config=language_model.config, **config_kwargs
+        )
         if config.moe is not None:
             raise ValueError("from_components builds a dense model; call .upcycle() afterwards")
         with torch.device("meta"):
             model = cls(config)
         model.vision_tower = vision_tower
         model.language_model = language_model
-        model.projector = MultimodalProjector(config.vision_config.hidden_size, config.text_config.hidden_size).to(
-            device=language_model.device, dtype=language_model.dtype
-        )
+        model.projector = MultimodalProjector(
+            config.vision_config.hidden_size, config.text_config.hidden_size
+        ).to(device=language_model.device, dtype=language_model.dtype)
         return model
 
     def upcycle(self, num_experts: int = 4, top_k: int = 2, layers="sparse", **moe_kwargs) -> list[int]:
         """Upcycle the language model's FFNs (see :func:`upcycle_to_moe`) and record the layout in the config."""
         if self.is_moe:
             raise ValueError("the model is already an MoE model (config.moe is set)")
-        indices = upcycle_to_moe(self.language_model, num_experts=num_experts, top_k=top_k, layers=layers, **moe_kwargs)
+        indices = upcycle_to_moe(
+            self.language_model, num_experts=num_experts, top_k=top_k, layers=layers, **moe_kwargs
+        )
         self.config.moe = {"num_experts": num_experts, "top_k": top_k, "layers": indices, **moe_kwargs}
         return indices
 
@@ -133,7 +137,10 @@ class MoELlavaForCausalLM(PreTrainedModel):
         return self.projector(features)
 
     def embed_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with image positions replaced by image features; also returns the image mask."""
         if image_mask is None:
@@ -144,7 +151,9 @@ class MoELlavaForCausalLM(PreTrainedModel):
         num_positions = int(image_mask.sum())
         if pixel_values is None or pixel_values.numel() == 0:
             if num_positions:
-                raise ValueError(f"input_ids hold {num_positions} image-token positions but pixel_values is None")
+                raise ValueError(
+                    f"input_ids hold {num_positions} image-token positions but pixel_values is None"
+                )
             return embeds, image_mask
         expected = pixel_values.shape[0] * self.num_image_tokens
         if num_positions != expected:
@@ -217,7 +226,9 @@ class MoELlavaForCausalLM(PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         set_routing_masks(self.language_model, attention_mask, image_mask)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return self.language_model.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
+        )
 
     def router_stats(self) -> dict[str, object]:
         """Per-MoE-layer :class:`RouterStats` of the latest forward, keyed by decoder layer name."""

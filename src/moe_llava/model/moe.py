@@ -81,7 +81,10 @@ class SparseMoeBlock(nn.Module):
             raise ValueError(f"num_experts must be >= 2, got num_experts={num_experts}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got top_k={top_k}")
-        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        for name, value in (
+            ("capacity_factor", capacity_factor),
+            ("eval_capacity_factor", eval_capacity_factor),
+        ):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 or None (dropless), got {name}={value}")
         if min_capacity < 0:
@@ -98,7 +101,9 @@ class SparseMoeBlock(nn.Module):
         self.renormalize = top_k > 1 if renormalize is None else renormalize
         self.experts = nn.ModuleList(experts)
         weight = next(experts[0].parameters())
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32)
+        self.router = nn.Linear(
+            hidden_size, num_experts, bias=False, device=weight.device, dtype=torch.float32
+        )
 
         self.padding_mask: torch.Tensor | None = None
         self.modality_mask: torch.Tensor | None = None

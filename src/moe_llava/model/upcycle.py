@@ -67,13 +67,17 @@ def resolve_moe_layers(layers: str | Sequence[int], num_layers: int) -> list[int
             return list(range(num_layers // 2, num_layers))
         if layers == "dense":
             return list(range(num_layers))
-        raise ValueError(f"unknown layers mode layers={layers!r}; expected one of {LAYER_MODES} or a list of indices")
+        raise ValueError(
+            f"unknown layers mode layers={layers!r}; expected one of {LAYER_MODES} or a list of indices"
+        )
     indices = [int(i) for i in layers]
     if not indices:
         raise ValueError("layers is an empty list: name at least one decoder layer to upcycle")
     for i in indices:
         if not -num_layers <= i < num_layers:
-            raise ValueError(f"layers contains index {i}, out of range for a model with {num_layers} decoder layers")
+            raise ValueError(
+                f"layers contains index {i}, out of range for a model with {num_layers} decoder layers"
+            )
     normalized = sorted({i % num_layers for i in indices})
     if len(normalized) != len(indices):
         raise ValueError(f"layers contains duplicate indices: {indices}")
@@ -112,4 +116,3 @@ def upcycle_to_moe(
         )
         setattr(layer, name, block.train(mlp.training))  # a new module would otherwise be in train mode
     return indices
-
