@@ -1,0 +1,424 @@
+"""Strict, per-record validation of LLaVA-format manifests.
+
+Every record is checked completely and gets a list of :class:`Issue` (reason code, field, detail);
+a record is valid when that list is empty. The reason codes (:class:`Reason`) are stable strings
+used in reports, quarantine files and counts.
+
+Token-level checks (``too_long``, ``fully_masked``, ``template_mismatch``) run only when a
+tokenizer and a template are configured, because they depend on the model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from moe_llava.constants import IMAGE_TOKEN
+from moe_llava.data.errors import TemplateError
+from moe_llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageIssue, open_image, resolve_image_path
+from moe_llava.data.manifest import ManifestEntry, iter_entries
+from moe_llava.data.templates import (
+    GPT,
+    HUMAN,
+    ROLE_ALIASES,
+    ConversationTemplate,
+    TokenizedSample,
+    get_template,
+    image_token_id_of,
+)
+
+
+class Reason(str, Enum):
+    """Why a record is rejected."""
+
+    MALFORMED_JSON = "malformed_json"  # a JSONL line that is not valid JSON
+    MALFORMED_RECORD = "malformed_record"  # missing/ill-typed id, image, conversations, from, value
+    DUPLICATE_ID = "duplicate_id"  # ids must be unique (evaluation pairs answers by id)
+    MISSING_IMAGE = "missing_image"
+    UNREADABLE_IMAGE = "unreadable_image"  # corrupt, truncated, or not a readable file
+    NOT_AN_IMAGE = "not_an_image"  # a file Pillow does not recognise as an image
+    UNSAFE_IMAGE_PATH = "unsafe_image_path"  # absolute, '..', or a symlink out of the image folder
+    OVERSIZED_IMAGE = "oversized_image"  # more pixels than the decompression-bomb guard allows
+    EMPTY_CONVERSATION = "empty_conversation"
+    NOT_STARTING_WITH_HUMAN = "not_starting_with_human"
+    NOT_ALTERNATING = "not_alternating"  # includes a trailing unanswered human turn
+    IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # <image> count != number of images
+    EMPTY_ANSWER = "empty_answer"
+    TEMPLATE_MISMATCH = "template_mismatch"  # e.g. a multi-turn record under the `plain` template
+    TOO_LONG = "too_long"  # longer than max_length tokens (image tokens included)
+    FULLY_MASKED = "fully_masked"  # no answer token would be supervised (loss would be 0)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
+OVERLENGTH_POLICIES = ("reject", "truncate")
+IMAGE_CHECKS = ("full", "header", "exists", "none")
+
+
+@dataclass
+class Issue:
+    reason: str
+    field: str | None
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"reason": self.reason, "field": self.field, "detail": self.detail}
+
+
+@dataclass
+class RecordCheck:
+    """The outcome of checking one record."""
+
+    index: int
+    line: int
+    id: str | None
+    issues: list[Issue] = field(default_factory=list)
+    num_tokens: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+    @property
+    def reasons(self) -> list[str]:
+        return list(dict.fromkeys(issue.reason for issue in self.issues))
+
+    def add(self, reason: Reason | str, field_name: str | None, detail: str) -> None:
+        self.issues.append(Issue(str(reason), field_name, detail))
+
+
+def record_images(record: dict) -> list[Any]:
+    """The record's image paths as a list (``[]`` for text-only records)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, list) else [image]
+
+
+def fit_to_length(
+    sample: TokenizedSample, max_length: int | None, overlength: str, image_token_id: int | None
+) -> tuple[TokenizedSample | None, str | None]:
+    """Apply the overlength policy. Returns ``(sample, None)`` or ``(None, reason)``.
+
+    ``truncate`` cuts the tail but never inside or before an image's tokens (the model needs all of
+    them); a truncation that leaves no supervised answer token is ``fully_masked``.
+    """
+    if max_length is None or len(sample) <= max_length:
+        return sample, None
+    if overlength == "reject":
+        return None, Reason.TOO_LONG.value
+    ids, labels = sample.input_ids[:max_length], sample.labels[:max_length]
+    if image_token_id is not None and sample.input_ids[max_length:].count(image_token_id):
+        return None, Reason.TOO_LONG.value
+    return TokenizedSample(ids, labels, sample.num_images), None
+
+
+def answer_token_count(sample: TokenizedSample, eos_token_id: int | None) -> int:
+    """Supervised tokens that are not the end-of-turn token (the content the model learns)."""
+    return sum(1 for label in sample.labels if label >= 0 and label != eos_token_id)
+
+
+@dataclass
+class Validator:
+    """Checks records. Configure the token-level checks with ``tokenizer`` + ``template``.
+
+    ``image_check``: ``full`` decodes every image (catches truncated files), ``header`` reads only
+    headers (fast), ``exists`` only checks files exist, ``none`` only checks paths lexically (no I/O).
+    """
+
+    image_folder: str | Path | None = None
+    tokenizer: Any = None
+    template: str | ConversationTemplate | None = None
+    max_length: int | None = None
+    num_image_tokens: int = 1
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    image_check: str = "full"
+    overlength: str = "reject"
+
+    def __post_init__(self) -> None:
+        if self.image_check not in IMAGE_CHECKS:
+            raise ValueError(f"image_check must be one of {IMAGE_CHECKS}, got {self.image_check!r}")
+        if self.overlength not in OVERLENGTH_POLICIES:
+            raise ValueError(f"overlength must be one of {OVERLENGTH_POLICIES}, got {self.overlength!r}")
+        if self.template is not None:
+            self.template = get_template(self.template)
+        self._image_token_id = None
+        if self.tokenizer is not None:
+            self._image_token_id = image_token_id_of(self.tokenizer)
+
+    @property
+    def checks_tokens(self) -> bool:
+        return self.tokenizer is not None and self.template is not None
+
+    def check_entry(self, entry: ManifestEntry) -> RecordCheck:
+        if entry.error is not None:
+            result = RecordCheck(entry.index, entry.line, None)
+            result.add(Reason.MALFORMED_JSON, None, entry.error)
+            return result
+        return self.check_record(entry.record, entry.index, entry.line)
+
+    def check_record(self, record: Any, index: int = 0, line: int = 0) -> RecordCheck:
+        """All issues of one record (thread-safe; duplicate ids are checked by the manifest pass)."""
+        if not isinstance(record, dict):
+            result = RecordCheck(index, line, None)
+            result.add(
+                Reason.MALFORMED_RECORD, None, f"a record must be a JSON object, got {type(record).__name__}"
+            )
+            return result
+        rid = record.get("id")
+        result = RecordCheck(index, line, None if rid is None else str(rid))
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+            result.add(
+                Reason.MALFORMED_RECORD, "id", f"id must be a non-empty string or integer, got {rid!r}"
+            )
+        images = self._check_image_field(record, result)
+        structure_ok = self._check_conversation(record, result, len(images) if images is not None else None)
+        if images:
+            for k, rel in enumerate(images):
+                self._check_image(
+                    rel, f"image[{k}]" if isinstance(record.get("image"), list) else "image", result
+                )
+        if structure_ok and images is not None and self.checks_tokens:
+            self._check_tokens(record, result)
+        return result
+
+    def _check_image_field(self, record: dict, result: RecordCheck) -> list[Any] | None:
+        image = record.get("image")
+        if image is None:
+            return []
+        if isinstance(image, str) or (
+            isinstance(image, list) and image and all(isinstance(p, str) for p in image)
+        ):
+            return record_images(record)
+        result.add(
+            Reason.MALFORMED_RECORD, "image", f"image must be a path string or a list of them, got {image!r}"
+        )
+        return None
+
+    def _check_image(self, rel: str, field_name: str, result: RecordCheck) -> None:
+        try:
+            if self.image_check == "none":
+                resolve_image_path(self.image_folder or ".", rel, follow_links=False)
+                return
+            path = resolve_image_path(self.image_folder, rel)
+            open_image(path, max_pixels=self.max_image_pixels, check=self.image_check)
+        except ImageIssue as issue:
+            result.add(issue.reason, field_name, issue.detail)
+
+    def _check_conversation(self, record: dict, result: RecordCheck, num_images: int | None) -> bool:
+        conversations = record.get("conversations")
+        if not isinstance(conversations, list):
+            result.add(Reason.MALFORMED_RECORD, "conversations", "conversations must be a list of turns")
+            return False
+        if not conversations:
+            result.add(Reason.EMPTY_CONVERSATION, "conversations", "conversation has no turns")
+            return False
+        roles: list[str] = []
+        ok = True
+        for i, turn in enumerate(conversations):
+            where_ = f"conversations[{i}]"
+            if not isinstance(turn, dict):
+                result.add(
+                    Reason.MALFORMED_RECORD, where_, "a turn must be an object with 'from' and 'value'"
+                )
+                ok = False
+                continue
+            if turn.get("from") not in ROLE_ALIASES:
+                result.add(Reason.MALFORMED_RECORD, f"{where_}.from", f"unknown role {turn.get('from')!r}")
+                ok = False
+            if not isinstance(turn.get("value"), str):
+                result.add(Reason.MALFORMED_RECORD, f"{where_}.value", "turn text must be a string")
+                ok = False
+            roles.append(ROLE_ALIASES.get(turn.get("from"), "?"))
+        if not ok:
+            return False
+        if roles[0] != HUMAN:
+            result.add(
+                Reason.NOT_STARTING_WITH_HUMAN,
+                "conversations[0].from",
+                f"first turn is from {conversations[0]['from']!r}",
+            )
+            ok = False
+        else:
+            for i, role in enumerate(roles):
+                if role != (HUMAN if i % 2 == 0 else GPT):
+                    result.add(
+                        Reason.NOT_ALTERNATING, f"conversations[{i}].from", f"turn {i} repeats role {role!r}"
+                    )
+                    ok = False
+                    break
+            else:
+                if roles[-1] != GPT:
+                    result.add(
+                        Reason.NOT_ALTERNATING,
+                        f"conversations[{len(roles) - 1}]",
+                        "ends with an unanswered human turn",
+                    )
+                    ok = False
+        placeholders = 0
+        for i, turn in enumerate(conversations):
+            value = turn["value"]
+            role = ROLE_ALIASES[turn["from"]]
+            if role == GPT:
+                if not value.strip():
+                    result.add(Reason.EMPTY_ANSWER, f"conversations[{i}].value", "assistant answer is empty")
+                    ok = False
+                if IMAGE_TOKEN in value:
+                    result.add(
+                        Reason.IMAGE_PLACEHOLDER_MISMATCH,
+                        f"conversations[{i}].value",
+                        f"{IMAGE_TOKEN} in an assistant turn",
+                    )
+                    ok = False
+            else:
+                placeholders += value.count(IMAGE_TOKEN)
+        if num_images is not None and placeholders != num_images:
+            result.add(
+                Reason.IMAGE_PLACEHOLDER_MISMATCH,
+                "conversations",
+                f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)",
+            )
+            ok = False
+        return ok
+
+    def _check_tokens(self, record: dict, result: RecordCheck) -> None:
+        assert isinstance(self.template, ConversationTemplate)
+        try:
+            sample = self.template.encode(
+                record["conversations"],
+                self.tokenizer,
+                num_image_tokens=self.num_image_tokens,
+                image_token_id=self._image_token_id,
+            )
+        except TemplateError as err:
+            result.add(
+                Reason.TEMPLATE_MISMATCH,
+                err.field or "conversations",
+                f"template {self.template.name!r}: {err.detail}",
+            )
+            return
+        result.num_tokens = len(sample)
+        fitted, reason = fit_to_length(sample, self.max_length, self.overlength, self._image_token_id)
+        if reason is not None:
+            result.add(reason, "conversations", f"{len(sample)} tokens > max_length {self.max_length}")
+            return
+        assert fitted is not None
+        if answer_token_count(fitted, getattr(self.tokenizer, "eos_token_id", None)) == 0:
+            result.add(Reason.FULLY_MASKED, "conversations", "no answer token would be supervised (loss 0)")
+
+
+def iter_checks(
+    manifest: str | Path, validator: Validator, *, workers: int = 1, progress: bool = False
+) -> Iterator[tuple[ManifestEntry, RecordCheck]]:
+    """Stream ``(entry, check)`` pairs in manifest order; flags duplicate ids (all but the first)."""
+    entries: Iterable[ManifestEntry] = iter_entries(manifest)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"validate {Path(manifest).name}", unit="rec", file=sys.stderr, mininterval=1.0)
+    seen: set[str] = set()
+    try:
+        for entry, check in _map_checks(entries, validator, workers):
+            if check.id is not None:
+                if check.id in seen:
+                    check.add(Reason.DUPLICATE_ID, "id", f"id {check.id!r} already used by an earlier record")
+                seen.add(check.id)
+            if bar is not None:
+                bar.update(1)
+            yield entry, check
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _map_checks(
+    entries: Iterable[ManifestEntry], validator: Validator, workers: int
+) -> Iterator[tuple[ManifestEntry, RecordCheck]]:
+    if workers <= 1:
+        for entry in entries:
+            yield entry, validator.check_entry(entry)
+        return
+    window = 64 * workers  # bounded look-ahead: memory stays flat on huge manifests
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        batch: list[ManifestEntry] = []
+        for entry in entries:
+            batch.append(entry)
+            if len(batch) == window:
+                yield from zip(batch, pool.map(validator.check_entry, batch))
+                batch = []
+        yield from zip(batch, pool.map(validator.check_entry, batch))
+
+
+@dataclass
+class ValidationReport:
+    """Invalid records and per-reason counts of one manifest."""
+
+    manifest: str
+    total: int = 0
+    invalid: list[RecordCheck] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    token_checks: bool = False
+
+    @property
+    def num_invalid(self) -> int:
+        return len(self.invalid)
+
+    @property
+    def ok(self) -> bool:
+        return not self.invalid
+
+    def add(self, check: RecordCheck) -> None:
+        self.total += 1
+        if not check.ok:
+            self.invalid.append(check)
+            self.counts.update(check.reasons)
+
+    def format(self, max_records: int | None = None) -> str:
+        lines = [f"manifest: {self.manifest}"]
+        shown = self.invalid if max_records is None else self.invalid[:max_records]
+        for check in shown:
+            rid = check.id if check.id is not None else f"#{check.index}"
+            for issue in check.issues:
+                where_ = f" [{issue.field}]" if issue.field else ""
+                lines.append(f"  {rid} (line {check.line}): {issue.reason}{where_}: {issue.detail}")
+        if len(shown) < len(self.invalid):
+            lines.append(f"  ... {len(self.invalid) - len(shown)} more invalid record(s) not shown")
+        lines.append(
+            f"summary: {self.total} record(s), {self.total - self.num_invalid} valid, {self.num_invalid} invalid"
+        )
+        for reason, count in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {reason}: {count}")
+        if not self.token_checks:
+            lines.append(
+                "  (token checks skipped: pass a tokenizer and a template to check length and label masks)"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "manifest": self.manifest,
+            "total": self.total,
+            "valid": self.total - self.num_invalid,
+            "invalid": self.num_invalid,
+            "reasons": dict(sorted(self.counts.items())),
+            "token_checks": self.token_checks,
+        }
+
+
+def validate_manifest(
+    manifest: str | Path, validator: Validator, *, workers: int = 1, progress: bool = False
+) -> ValidationReport:
+    """Check every record of ``manifest``; the report lists each invalid record and counts reasons."""
+    report = ValidationReport(str(manifest), token_checks=validator.checks_tokens)
+    for _, check in iter_checks(manifest, validator, workers=workers, progress=progress):
+        report.add(check)
+    return report
