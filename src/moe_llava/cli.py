@@ -14,6 +14,7 @@ import sys
 # group name -> module exposing `register(subparsers) -> None`
 COMMAND_GROUPS: dict[str, str] = {
     "model": "moe_llava.model.cli",
+    "train": "moe_llava.training.cli",
     "data": "moe_llava.data.cli",
     "demo": "moe_llava.demo",
 }

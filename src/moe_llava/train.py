@@ -1,0 +1,32 @@
+"""Train one MoE-Tuning stage:  python -m moe_llava.train stage=stage2 experiment=tiny_cpu [overrides...]
+
+The same command serves the CLI (`moe-llava train ...`), `dvc repro` and the Prefect flow.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from moe_llava.paths import CONF_DIR
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from moe_llava.training import run_stage
+    from moe_llava.training.validation import ConfigError
+
+    try:
+        result = run_stage(cfg, command_line=HydraConfig.get().overrides.task)
+    except ConfigError as err:  # one readable line, before any work started
+        print(f"moe-llava train: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print({k: v for k, v in result.items() if k in ("global_step", "train/loss", "val/loss", "wall_time_s")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Lightning callbacks and plugins of a training stage."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from moe_llava.model import RouterStats, moe_blocks
+
+
+def router_metrics(stats_by_layer: dict[str, RouterStats]) -> dict[str, float]:
+    """Flat per-MoE-layer metrics: top-1 load per expert (all / image / text tokens), drop rate, entropy."""
+    metrics: dict[str, float] = {}
+    for name, stats in stats_by_layer.items():
+        if stats is None:
+            continue
+        match = re.search(r"layers\.(\d+)", name)
+        prefix = f"moe/layer{match.group(1)}" if match else f"moe/{name}"
+        total = max(int(stats.num_tokens), 1)
+        for e, count in enumerate(stats.top1.tolist()):
+            metrics[f"{prefix}/expert{e}_load"] = count / total
+        for split, counts in (("image", stats.image_top1), ("text", stats.text_top1)):
+            if counts is not None and int(counts.sum()) > 0:
+                n = int(counts.sum())
+                for e, count in enumerate(counts.tolist()):
+                    metrics[f"{prefix}/{split}_expert{e}_load"] = count / n
+        metrics[f"{prefix}/drop_rate"] = stats.drop_fraction
+        metrics[f"{prefix}/entropy"] = float(stats.entropy)
+    return metrics
+
+
+class RouterStatsLogger(L.Callback):
+    """Logs the MoE layers' routing statistics of the latest training batch every ``every_n_steps``."""
+
+    def __init__(self, every_n_steps: int = 10):
+        self.every_n_steps = max(1, int(every_n_steps))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        blocks = moe_blocks(pl_module.model.language_model)
+        if not blocks:
+            return
+        metrics = router_metrics({name: block.last_stats for name, block in blocks})
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file and renames it: a kill mid-write never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)

@@ -1,0 +1,103 @@
+"""One LightningModule for all three stages: the stage decides what is trainable, not the code."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from moe_llava.model import MoELlavaForCausalLM
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_mask")
+
+
+class MoELlavaLitModule(L.LightningModule):
+    """Trains the parameters of ``model`` that require grad with AdamW and a warmup + cosine schedule."""
+
+    def __init__(
+        self,
+        model: MoELlavaForCausalLM,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.betas = tuple(betas)
+        self._batch_start: float | None = None
+
+    def forward(self, batch: dict):
+        return self.model(**{key: batch[key] for key in MODEL_INPUTS if batch.get(key) is not None})
+
+    def _log_losses(self, out, split: str, batch_size: int) -> None:
+        on_step = split == "train"
+        self.log(
+            f"{split}/loss",
+            out.loss,
+            prog_bar=True,
+            batch_size=batch_size,
+            on_step=on_step,
+            on_epoch=not on_step,
+            sync_dist=not on_step,
+        )
+        self.log(
+            f"{split}/lm_loss",
+            out.lm_loss,
+            batch_size=batch_size,
+            on_step=on_step,
+            on_epoch=not on_step,
+            sync_dist=not on_step,
+        )
+        if out.aux_loss is not None:
+            self.log(
+                f"{split}/aux_loss",
+                out.aux_loss,
+                batch_size=batch_size,
+                on_step=on_step,
+                on_epoch=not on_step,
+                sync_dist=not on_step,
+            )
+            self.log(
+                f"{split}/z_loss",
+                out.z_loss,
+                batch_size=batch_size,
+                on_step=on_step,
+                on_epoch=not on_step,
+                sync_dist=not on_step,
+            )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        self._log_losses(out, "train", batch["input_ids"].shape[0])
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        self._log_losses(out, "val", batch["input_ids"].shape[0])
+
+    # Throughput of this rank: wall time of a whole micro-batch step (forward, backward, optimizer).
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        if self._batch_start is None:
+            return
+        elapsed = max(time.perf_counter() - self._batch_start, 1e-9)
+        tokens = int(batch["attention_mask"].sum())
+        self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True, on_step=True, batch_size=1)
+        self.log("train/samples_per_sec", batch["input_ids"].shape[0] / elapsed, on_step=True, batch_size=1)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup_steps = math.ceil(total_steps * self.warmup_ratio)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,73 @@
+"""A tiny ShapesWorld corpus (generated once per session) and the real Hydra config, shrunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from moe_llava.data.shapesworld import generate_shapesworld
+from moe_llava.paths import CONF_DIR
+
+TINY_WORLD = {
+    "train_images": 48,
+    "val_images": 8,
+    "test_images": 12,
+    "image_size": 32,
+    "instruct_per_image": 1,
+    "vqa_per_image": 1,
+    "tokenizer_vocab_size": 256,
+}
+
+
+@pytest.fixture(scope="session")
+def shapesworld(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapesworld") / "shapesworld"
+    generate_shapesworld(root, TINY_WORLD)
+    return root
+
+
+def shrunk_overrides(data_root: Path, run_root: Path) -> list[str]:
+    """The real tiny_cpu preset, shrunk to seconds per stage."""
+    return [
+        "experiment=tiny_cpu",
+        f"data.root={data_root}",
+        f"run_dir={run_root}/artifacts",
+        f"logger.tracking_uri=sqlite:///{run_root}/mlflow.db",
+        f"logger.artifact_location={run_root}/mlartifacts",
+        "logger.log_system_metrics=false",
+        "logger.router_stats_every_n_steps=1",
+        "model.vision_tower.config.image_size=32",
+        "model.vision_tower.config.patch_size=8",
+        "model.vision_tower.config.hidden_size=32",
+        "model.vision_tower.config.intermediate_size=64",
+        "model.vision_tower.config.num_hidden_layers=2",
+        "model.language_model.config.hidden_size=32",
+        "model.language_model.config.intermediate_size=64",
+        "data.max_length=1024",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        *[
+            f"++stage_overrides.{stage}.{key}={value}"
+            for stage in ("stage1", "stage2", "stage3")
+            for key, value in (
+                ("micro_batch_size", 4),
+                ("global_batch_size", 8),
+                ("max_steps", 3),
+                ("checkpoint_every_n_steps", 1),
+            )
+        ],
+    ]
+
+
+@pytest.fixture
+def compose_stage(shapesworld, tmp_path):
+    def _compose(stage: str, *overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(
+                "config", overrides=[*shrunk_overrides(shapesworld, tmp_path), f"stage={stage}", *overrides]
+            )
+
+    return _compose
