@@ -202,7 +202,10 @@ class ConversationTemplate:
             image_token_id = image_token_id_of(tokenizer) if any(IMAGE_TOKEN in t for _, t in turns) else -1
         builder = _Builder(tokenizer, num_image_tokens, image_token_id)
         self._build(builder, turns, add_generation_prompt)
-        return builder.result()
+        sample = builder.result()
+        if add_generation_prompt:  # a prompt is never trained on (earlier answers are context here)
+            sample.labels = [IGNORE_INDEX] * len(sample.labels)
+        return sample
 
     def end_of_turn_text(self, tokenizer: Any) -> str:
         """Text of the token(s) that close each supervised answer."""

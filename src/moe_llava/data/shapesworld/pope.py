@@ -9,9 +9,9 @@ and as many negatives (objects truly absent from it) are chosen
   objects present in the image.
 
 So every split is exactly balanced yes/no. Records are in the POPE format (``question_id``,
-``image``, ``text``, ``label``) plus ``object``, ``category`` and a ready ``prompt`` with LLaVA's
-short-answer instruction. Each record also carries ``id`` and LLaVA ``conversations`` (the prompt
-and the expected short answer), so ``LlavaDataset(..., generation=True)`` reads a POPE file as is.
+``image``, ``text``, ``label``) plus ``object`` and ``category``. Each record also carries ``id`` and
+LLaVA ``conversations`` (the question with LLaVA's short-answer instruction, and the expected short
+answer), so ``LlavaDataset(..., generation=True)`` reads a POPE file as is.
 """
 
 from __future__ import annotations
@@ -106,7 +106,6 @@ def pope_questions(
                         "id": qid,
                         "image": image,
                         "text": question,
-                        "prompt": prompt,
                         "label": label,
                         "object": obj,
                         "category": split,
