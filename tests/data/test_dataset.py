@@ -165,3 +165,36 @@ def test_streams_the_shapesworld_manifest(tiny_shapesworld, sw_tokenizer, clip_p
     assert ds.record(0)["id"] == "inst-train-000000-0"
     lengths = [len(ds[i]["input_ids"]) for i in range(0, len(ds), 7)]
     assert max(lengths) <= 256
+
+
+def test_builders_from_the_hydra_data_config(tiny_shapesworld, clip_processor):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from moe_llava.data.config import dataset_from_config, eval_dataset_from_config, tokenizer_from_config
+    from moe_llava.data.loader import build_dataloader
+
+    cfg = OmegaConf.create(
+        {"data": OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/data/shapesworld.yaml")}
+    )
+    cfg.data.root = str(tiny_shapesworld)
+    tok = tokenizer_from_config(cfg.data)
+    common = dict(tokenizer=tok, image_processor=clip_processor, num_image_tokens=8)
+    stage1 = dataset_from_config(cfg.data, "stage1", **common)
+    assert stage1.template.name == "plain" and stage1.transform.aspect == "crop"
+    assert stage1.record(0)["id"] == "cap-train-000000"
+    stage2_val = dataset_from_config(cfg.data, "stage2", split="val", **common)
+    assert stage2_val.template.name == "phi" and stage2_val.transform.aspect == "pad"
+    pope = eval_dataset_from_config(cfg.data, cfg.data.eval.pope.popular, **common)
+    assert pope.generation and pope[0]["answer"] in ("Yes", "No")
+    loader = build_dataloader(
+        pope, 4, shuffle=False, group_by_modality=False, padding_side="left", return_ids=True
+    )
+    batch = next(iter(loader))
+    assert batch["ids"] == [f"pope-popular-{i:05d}" for i in range(4)] and len(batch["answers"]) == 4
+    assert (
+        batch["input_ids"][:, -1] == batch["input_ids"][0, -1]
+    ).all()  # all prompts end alike (left padded)
+    with pytest.raises(ValueError, match="no stage 'stage9'"):
+        dataset_from_config(cfg.data, "stage9", **common)

@@ -257,3 +257,26 @@ def test_cli_generate_equals_the_python_function(tmp_path, capsys):
     )
     assert tree_digest(tmp_path / "yaml") == tree_digest(tmp_path / "py")
     assert dataclasses.asdict(ShapesWorldConfig.from_any(small))["train_images"] == 8
+
+
+def test_cli_train_tokenizer(tiny_shapesworld, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tok"
+    assert (
+        main(
+            [
+                "data",
+                "train-tokenizer",
+                str(tiny_shapesworld / "captions_train.json"),
+                "--out",
+                str(out),
+                "--vocab-size",
+                "300",
+            ]
+        )
+        == 0
+    )
+    assert "tokenizer with" in capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.convert_tokens_to_ids("<image>") == 4 and tok.pad_token == "<pad>"
