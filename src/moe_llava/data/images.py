@@ -12,7 +12,6 @@ aspect policy makes it square:
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,26 +79,26 @@ def open_image(
     if check == "exists":
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageIssue(
-                        "oversized_image",
-                        f"{width}x{height} = {width * height} pixels exceeds the limit {max_pixels}",
-                    )
-                if width <= 0 or height <= 0:
-                    raise ImageIssue("unreadable_image", f"image has an empty size {width}x{height}")
-                if check == "header":
-                    return None
-                img.load()
-                return img.convert("RGB")
+        # (no warnings.catch_warnings here: it is not thread-safe; the pixel budget below is checked
+        # from the header, and Pillow itself raises DecompressionBombError far above it)
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageIssue(
+                    "oversized_image",
+                    f"{width}x{height} = {width * height} pixels exceeds the limit {max_pixels}",
+                )
+            if width <= 0 or height <= 0:
+                raise ImageIssue("unreadable_image", f"image has an empty size {width}x{height}")
+            if check == "header":
+                return None
+            img.load()
+            return img.convert("RGB")
     except ImageIssue:
         raise
     except UnidentifiedImageError:
         raise ImageIssue("not_an_image", f"not an image file (unknown format): {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise ImageIssue("oversized_image", f"decompression bomb guard: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt data, permissions
         raise ImageIssue("unreadable_image", f"corrupt or unreadable image {path}: {err}") from None
