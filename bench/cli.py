@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, help="float32 and/or bfloat16")
     parser.add_argument("--activations", nargs="+", default=None, help="swiglu and/or gelu experts")
     parser.add_argument("--modes", nargs="+", default=None, help="fwd and/or fwd_bwd")
+    parser.add_argument("--d-model", type=int, default=None, help="model width (default 512)")
+    parser.add_argument("--ffn", type=int, default=None, help="FFN width (default 2048)")
+    parser.add_argument(
+        "--skip", nargs="+", default=None, help="variant names not to run (e.g. deepspeed_einsum)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, table only")
     parser.set_defaults(func=_run_from_args)
@@ -106,6 +111,9 @@ def _run_from_args(args: argparse.Namespace) -> int:
         "dtypes": args.dtypes,
         "activations": args.activations,
         "modes": args.modes,
+        "skip": args.skip,
+        "d_model": args.d_model,
+        "ffn": args.ffn,
         "memory": False if args.no_memory else None,
     }
     failed = False

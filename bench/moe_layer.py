@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,7 +32,7 @@ from bench import device as device_lib
 from bench import layers
 from bench.memory import peak_memory_bytes
 from bench.timing import LoadMonitor, paired_ratio, summarize, time_interleaved
-from moe_llava.model.moe import SparseMoeBlock
+from moe_llava.model.moe import SparseMoeBlock, _grouped_layout
 
 NAME = "moe_layer"
 MODES = ("fwd", "fwd_bwd")
@@ -91,11 +91,17 @@ class LayerBenchConfig:
     batched_mm_max_bytes: int = 4 * 2**30
     seed: int = 0
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
+    skip: tuple[str, ...] = ()  # variant names not to run (e.g. deepspeed_einsum for a faster look)
+    # Also time SparseMoeBlock forced onto the expert path(s) its automatic choice did not take
+    # (variant "moe[<path>]"), to show that the choice is the faster one on this device.
+    compare_paths: bool = True
 
 
 FULL = LayerBenchConfig()
-QUICK = LayerBenchConfig(tokens=(512, 2048), activations=("swiglu",), repeats=3, warmup=1)
+QUICK = LayerBenchConfig(
+    tokens=(512, 2048), activations=("swiglu",), repeats=3, warmup=1, compare_paths=False
+)
+EXPERT_PATHS = ("loop", "grouped_mm")
 
 
 def config_from_options(quick: bool = False, **overrides) -> LayerBenchConfig:
@@ -167,6 +173,15 @@ class _Case:
         self.checks: list[dict] = []
         self._check_upcycling_identity()
         layers.perturb_experts(self.moe, seed=cfg.seed + 1)
+        self.moe_forced: dict[str, SparseMoeBlock] = {}
+        if cfg.compare_paths:
+            probe = self._input(8, cfg.seed)
+            auto = moe_expert_path(self.moe, probe)
+            for path in EXPERT_PATHS:
+                if path != auto and (path != "grouped_mm" or _grouped_layout(self.moe.experts) is not None):
+                    forced = copy.deepcopy(self.moe)
+                    forced._expert_path_override = path
+                    self.moe_forced[path] = forced
         self.moe_cf = copy.deepcopy(self.moe)
         self.moe_cf.capacity_factor = cfg.einsum_capacity_factor
         self.moe_cf.eval_capacity_factor = cfg.einsum_capacity_factor
@@ -213,6 +228,19 @@ class _Case:
             self.moe.eval()
             ours = self.moe(x)
             index, weights = layers.reference_routing(self.moe, x)
+            for path, forced in self.moe_forced.items():
+                abs_diff, rel = _max_rel_diff(forced.eval()(x), ours)
+                self.checks.append(
+                    {
+                        "name": f"equal_expert_path_{path}",
+                        "case": self.label(tokens),
+                        "compared": f"SparseMoeBlock output with expert path forced to {path!r} vs the automatic path",
+                        "max_abs_diff": abs_diff,
+                        "max_rel_diff": rel,
+                        "tolerance": tol,
+                        "passed": rel <= tol,
+                    }
+                )
             skipped = self.skipped_for(tokens, backward=False)
             for impl, mixtral in self.mixtral.items():
                 if f"mixtral_{impl}" in skipped:
@@ -271,8 +299,9 @@ class _Case:
 
     # ------------------------------------------------------------------ memory budget
     def skipped_for(self, tokens: int, backward: bool) -> dict[str, str]:
-        """Variants too large for this token count, with the reason."""
+        """Variants too large for this token count (or excluded by the config), with the reason."""
         skipped = dict(self.mixtral_skipped)
+        skipped.update(dict.fromkeys(self.cfg.skip, "excluded by --skip"))
         free = _device_free_bytes(self.device)
         budget = None if free is None else self.cfg.memory_budget_fraction * free
         if budget is None:
@@ -298,11 +327,14 @@ class _Case:
         backward = grad is not None
         skipped = self.skipped_for(tokens, backward)
         modules = {"dense": self.dense, "moe": self.moe}
+        for path, forced in self.moe_forced.items():
+            if f"moe[{path}]" not in skipped:
+                modules[f"moe[{path}]"] = forced
         for impl, module in self.mixtral.items():
             if f"mixtral_{impl}" not in skipped:
                 modules[f"mixtral_{impl}"] = module
-        modules["moe_cf1.5"] = self.moe_cf
         if "deepspeed_einsum" not in skipped:
+            modules["moe_cf1.5"] = self.moe_cf
             modules["deepspeed_einsum"] = self.einsum
         for module in modules.values():
             module.train(backward)
@@ -322,16 +354,18 @@ class _Case:
 
         make = fwd_bwd if backward else fwd
         calls = {name: make(module) for name, module in modules.items()}
-        calls["experts_only"] = layers.experts_only_fn(self.moe, x, grad)
-        calls["gemm_ceiling"] = layers.gemm_ceiling_fn(
-            self.activation,
-            self.cfg.top_k * tokens,
-            self.cfg.d_model,
-            self.cfg.ffn,
-            self.dtype,
-            self.device,
-            backward,
-        )
+        if "experts_only" not in skipped:
+            calls["experts_only"] = layers.experts_only_fn(self.moe, x, grad)
+        if "gemm_ceiling" not in skipped:
+            calls["gemm_ceiling"] = layers.gemm_ceiling_fn(
+                self.activation,
+                self.cfg.top_k * tokens,
+                self.cfg.d_model,
+                self.cfg.ffn,
+                self.dtype,
+                self.device,
+                backward,
+            )
         return {"calls": calls, "modules": modules}, skipped
 
     def measure(self, tokens: int, mode: str) -> dict:
@@ -361,6 +395,7 @@ class _Case:
             "mode": mode,
             "expert_path": moe_expert_path(self.moe, x),
             "times_ms": timing.stats_ms(),
+            "minor_page_faults": timing.median_faults(),
             "skipped": skipped,
             "load": load.as_dict(),
             "wall_s": timing.wall_s,
@@ -377,13 +412,16 @@ class _Case:
             fastest = min(speedups, key=lambda n: row["times_ms"][n]["median"])
             row["mixtral_fastest"] = fastest
             row["speedup_vs_mixtral_fastest"] = speedups[fastest]
+        for name in samples:
+            if name.startswith("moe["):
+                speedups[name] = paired_ratio(samples[name], samples["moe"])
         if "deepspeed_einsum" in samples:
             speedups["deepspeed_einsum (vs moe_cf1.5)"] = paired_ratio(
                 samples["deepspeed_einsum"], samples["moe_cf1.5"]
             )
             row["speedup_vs_deepspeed_einsum"] = speedups["deepspeed_einsum (vs moe_cf1.5)"]
         row["speedups"] = speedups
-        overhead = [(m - e) / m for m, e in zip(samples["moe"], samples["experts_only"])]
+        overhead = [(m - e) / m for m, e in zip(samples["moe"], samples.get("experts_only", []))]
         row["overhead_share"] = summarize(overhead)
 
         flops_fwd = layers.ffn_matmul_flops_per_token(self.activation, cfg.d_model, cfg.ffn)
@@ -406,7 +444,7 @@ class _Case:
         if cfg.memory:
             mem = {}
             for name in modules:
-                if name == "moe_cf1.5":
+                if name == "moe_cf1.5" or name.startswith("moe["):
                     continue
                 _zero_grads(
                     *all_modules
@@ -576,7 +614,7 @@ def format_table(result: dict) -> str:
             f"{t['dense']['median']:9.1f} {t['moe']['median']:9.1f} "
             f"{row['ratio_moe_vs_k_dense']['median']:13.3f} {best_txt:>18s} {_fmt(mix, '.2f'):>9s}x "
             f"{_fmt(row.get('speedup_vs_deepspeed_einsum', {}).get('median'), '.2f'):>8s}x "
-            f"{row['gemm_fraction']['moe']:9.2f} {row['overhead_share']['median']:8.1%} "
+            f"{_fmt(row['gemm_fraction'].get('moe'), '9.2f'):>9s} {_fmt(row['overhead_share']['median'], '8.1%'):>8s} "
             f"{_fmt(row.get('memory_ratio_moe_vs_dense'), '.2f'):>9s}"
         )
     lines += ["", "token drop rate (SparseMoeBlock, train, random router) by capacity factor:"]

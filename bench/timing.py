@@ -17,6 +17,11 @@ from __future__ import annotations
 import os
 import statistics
 import time
+
+try:  # Unix only: page-fault counts next to the times
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,13 +47,23 @@ def paired_ratio(numerator: list[float], denominator: list[float], factor: float
 
 @dataclass
 class TimingResult:
-    """Per-variant lists of seconds, one per timed round, in round order."""
+    """Per-variant lists of seconds (and minor page faults), one per timed round, in round order."""
 
     samples: dict[str, list[float]]
     wall_s: float
+    minor_faults: dict[str, list[int]] | None = None
 
     def stats_ms(self) -> dict[str, dict]:
         return {name: summarize(values, 1e3) for name, values in self.samples.items()}
+
+    def median_faults(self) -> dict[str, float] | None:
+        if self.minor_faults is None:
+            return None
+        return {name: statistics.median(v) if v else None for name, v in self.minor_faults.items()}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def time_interleaved(
@@ -65,6 +80,7 @@ def time_interleaved(
     """
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     start = time.perf_counter()
     for round_index in range(warmup + repeats):
         shift = round_index % len(names) if names else 0
@@ -73,6 +89,7 @@ def time_interleaved(
                 before_each(name)
             if sync is not None:
                 sync()
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             variants[name]()
             if sync is not None:
@@ -80,7 +97,12 @@ def time_interleaved(
             elapsed = time.perf_counter() - t0
             if round_index >= warmup:
                 samples[name].append(elapsed)
-    return TimingResult(samples=samples, wall_s=time.perf_counter() - start)
+                faults[name].append(_minor_faults() - f0)
+    return TimingResult(
+        samples=samples,
+        wall_s=time.perf_counter() - start,
+        minor_faults=faults if resource is not None else None,
+    )
 
 
 def _read_proc_stat() -> tuple[float, float] | None:

@@ -11,6 +11,11 @@ does differently from the reference:
 * every expert runs every step, on a possibly empty slice, so all parameters take part in the
   autograd graph and plain DDP needs no ``find_unused_parameters``;
 * capacity ``None`` means dropless; second-expert Gumbel noise is optional and training-only;
+* the experts run one of two ways, chosen per forward (:meth:`SparseMoeBlock._expert_path`):
+  ``loop`` calls each expert module on its slice (any FFN; the fastest way on CPU, where a
+  grouped GEMM is itself a loop), ``grouped_mm`` runs all experts of a recognised FFN layout
+  (Llama-style gate/up/down, Phi-style fc1/fc2) as grouped GEMMs over their stacked weights,
+  picked automatically for bf16 on CUDA GPUs of compute capability 9.0 (Hopper) and newer;
 * padding tokens are excluded from routing, capacity, statistics and the aux loss.
 
 Token-level side information (padding and image/text masks) reaches the block through
@@ -51,6 +56,58 @@ class RouterStats:
     def drop_fraction(self) -> float:
         assigned = float(self.assigned.sum())
         return 0.0 if assigned == 0 else 1.0 - float(self.kept.sum()) / assigned
+
+
+# Expert layouts the grouped-GEMM path understands: attribute names of (input linears, output
+# linear, activation). "gated" computes out(act(in_0(x)) * in_1(x)), "plain" out(act(in_0(x))).
+_GROUPED_LAYOUTS = {
+    "gated": (("gate_proj", "up_proj"), "down_proj", "act_fn"),
+    "plain": (("fc1",), "fc2", "activation_fn"),
+}
+_MIN_GROUPED_CAPABILITY = (9, 0)  # Hopper: where torch's bf16 grouped GEMM kernels are the fast path
+
+
+def _grouped_mm():
+    """``F.grouped_mm`` (torch >= 2.10) or ``torch._grouped_mm``; None when this torch has neither."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    if any(
+        getattr(nn.modules.module, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+    ):
+        return True
+    return any(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or getattr(m, "_backward_pre_hooks", None)
+        for m in module.modules()
+    )
+
+
+def _grouped_layout(experts: nn.ModuleList) -> str | None:
+    """The layout name shared by all ``experts`` (plain ``nn.Linear`` children, no hooks), else None."""
+    for layout, (inputs, output, act) in _GROUPED_LAYOUTS.items():
+        names = (*inputs, output)
+        if all(
+            all(type(getattr(e, n, None)) is nn.Linear for n in names)
+            and callable(getattr(e, act, None))
+            and not _has_hooks(e)
+            for e in experts
+        ):
+            first = experts[0]
+            shapes = [tuple(getattr(first, n).weight.shape) for n in names]
+            biases = [getattr(first, n).bias is not None for n in names]
+            acts = {type(getattr(e, act)) for e in experts}
+            if len(acts) == 1 and all(
+                [tuple(getattr(e, n).weight.shape) for n in names] == shapes
+                and [getattr(e, n).bias is not None for n in names] == biases
+                for e in experts
+            ):
+                return layout
+    return None
 
 
 class SparseMoeBlock(nn.Module):
@@ -110,6 +167,10 @@ class SparseMoeBlock(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.last_stats: RouterStats | None = None
+        # Expert execution: None = automatic (see `_expert_path`); "loop" or "grouped_mm" forces one
+        # (tests, benchmarks). Grouped-path self-checks are cached per device/dtype/expert set.
+        self._expert_path_override: str | None = None
+        self._grouped_checked: dict[tuple, bool] = {}
 
     @classmethod
     def from_dense(
@@ -180,6 +241,82 @@ class SparseMoeBlock(nn.Module):
             return None
         return max(self.min_capacity, math.ceil(num_tokens / self.num_experts * factor * self.top_k))
 
+    # ------------------------------------------------------------------ expert execution
+    def _expert_path(self, x: torch.Tensor) -> str:
+        """How this forward runs the experts on input ``x``: ``"loop"`` or ``"grouped_mm"``.
+
+        Automatic choice: ``grouped_mm`` for bf16 on a CUDA GPU of compute capability >= 9.0 when
+        this torch has a grouped GEMM, the experts share a recognised layout (no hooks, plain
+        ``nn.Linear`` children, feature sizes that keep rows 16-byte aligned) and a one-time
+        self-check shows the grouped computation equals calling the experts; ``loop`` otherwise.
+        """
+        if self._expert_path_override is not None:
+            return self._expert_path_override
+        if not (x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm() is not None):
+            return "loop"
+        if torch.cuda.get_device_capability(x.device) < _MIN_GROUPED_CAPABILITY:
+            return "loop"
+        layout = _grouped_layout(self.experts)
+        if layout is None:
+            return "loop"
+        inputs, output, _ = _GROUPED_LAYOUTS[layout]
+        first = self.experts[0]
+        if any(getattr(first, n).weight.shape[1] % 8 for n in (*inputs, output)):
+            return "loop"
+        key = (x.device, x.dtype, layout, tuple(id(e) for e in self.experts))
+        if key not in self._grouped_checked:
+            self._grouped_checked[key] = self._grouped_self_check(x, layout)
+        return "grouped_mm" if self._grouped_checked[key] else "loop"
+
+    def _grouped_self_check(self, x: torch.Tensor, layout: str, rows_per_expert: int = 16) -> bool:
+        """Whether the grouped computation reproduces the expert modules on a random probe."""
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(rows_per_expert * self.num_experts, x.shape[-1], generator=generator)
+        probe = probe.to(device=x.device, dtype=x.dtype)
+        counts = torch.full((self.num_experts,), rows_per_expert, device=x.device)
+        with torch.no_grad():
+            expected = torch.cat(
+                [expert(chunk) for expert, chunk in zip(self.experts, probe.split(rows_per_expert))]
+            )
+            got = self._grouped_expert_outputs(probe, counts, layout)
+        tol = 1e-5 if x.dtype == torch.float32 else 3e-2
+        scale = expected.float().abs().max().clamp_min(1e-6)
+        return bool(((got.float() - expected.float()).abs().max() / scale) <= tol)
+
+    def _grouped_expert_outputs(self, xs: torch.Tensor, counts: torch.Tensor, layout: str) -> torch.Tensor:
+        """Every expert applied to its rows of ``xs`` (grouped by expert, ``counts`` rows each) with
+        grouped GEMMs over the experts' stacked weights (autograd reaches each expert's parameters)."""
+        grouped_mm = _grouped_mm()
+        inputs, output, act = _GROUPED_LAYOUTS[layout]
+        experts = self.experts
+        offsets = counts.cumsum(0).to(torch.int32)
+        needs_bias = any(getattr(experts[0], n).bias is not None for n in (*inputs, output))
+        row_expert = (
+            torch.repeat_interleave(
+                torch.arange(self.num_experts, device=xs.device), counts, output_size=xs.shape[0]
+            )
+            if needs_bias
+            else None
+        )
+
+        def linear(h: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+            # one grouped GEMM for the linears in `names` (gate and up are fused into one)
+            weight = torch.stack([torch.cat([getattr(e, n).weight for n in names]) for e in experts])
+            out = grouped_mm(h, weight.transpose(-2, -1), offs=offsets)
+            if row_expert is not None:
+                bias = torch.stack([torch.cat([getattr(e, n).bias for n in names]) for e in experts])
+                out = out + bias.index_select(0, row_expert)
+            return out
+
+        h = linear(xs, inputs)
+        act_fn = getattr(experts[0], act)
+        if layout == "gated":
+            gate, up = h.chunk(2, dim=-1)
+            h = act_fn(gate) * up
+        else:
+            h = act_fn(h)
+        return linear(h.contiguous(), (output,))
+
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         token_shape = hidden_states.shape[:-1]
@@ -197,30 +334,53 @@ class SparseMoeBlock(nn.Module):
         if valid is not None:  # padding goes to a sentinel bin E that is never computed
             flat_expert = torch.where(valid.repeat(k), flat_expert, num_experts)
         order = torch.argsort(flat_expert, stable=True)  # grouped by expert, priority order inside
-        sorted_expert = flat_expert[order]
         assigned = torch.bincount(flat_expert, minlength=num_experts + 1)
         num_tokens = num_slots if valid is None else int(valid.sum())
 
         capacity = self.capacity(num_tokens)
-        keep_sorted = sorted_expert < num_experts
-        if capacity is not None:
-            group_start = assigned.cumsum(0) - assigned
-            position = torch.arange(order.numel(), device=x.device) - group_start[sorted_expert]
-            keep_sorted &= position < capacity
-        keep = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(k, num_slots).t()  # (S, k)
-
-        weights = topk_prob * keep
+        if capacity is None and valid is None:
+            # Dropless without padding (inference, the default): every assignment is kept, so the
+            # capacity bookkeeping below is the identity; skip its dozen small ops and host syncs.
+            weights, kept_order, kept = topk_prob, order, assigned[:num_experts]
+        else:
+            sorted_expert = flat_expert[order]
+            keep_sorted = sorted_expert < num_experts
+            if capacity is not None:
+                group_start = assigned.cumsum(0) - assigned
+                position = torch.arange(order.numel(), device=x.device) - group_start[sorted_expert]
+                keep_sorted &= position < capacity
+            keep = (
+                torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(k, num_slots).t()
+            )  # (S, k)
+            weights = topk_prob * keep
+            kept_order = order[keep_sorted]  # flat (rank-major) assignment ids, grouped by expert
+            kept = torch.bincount(sorted_expert[keep_sorted], minlength=num_experts + 1)[:num_experts]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
 
-        kept_order = order[keep_sorted]  # flat (rank-major) assignment ids, grouped by expert
         token_idx = kept_order % num_slots
-        kept = torch.bincount(sorted_expert[keep_sorted], minlength=num_experts + 1)[:num_experts]
-        expert_inputs = x.index_select(0, token_idx).split(kept.tolist())
-        # Every expert runs, even on zero tokens, so all of them are in the autograd graph.
-        expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, expert_inputs)])
-        gate = weights.t().reshape(-1)[kept_order].unsqueeze(-1).to(expert_out.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_idx, expert_out * gate)
+        gate = weights.t().reshape(-1)[kept_order]  # (N,) fp32, grouped by expert like token_idx
+        path = self._expert_path(x)
+        if path == "grouped_mm":
+            layout = _grouped_layout(self.experts)
+            if layout is None:
+                raise ValueError("expert path 'grouped_mm' needs experts with a recognised FFN layout")
+            # No host sync: offsets stay on the device. Empty experts are empty groups, still in the graph.
+            expert_out = self._grouped_expert_outputs(x.index_select(0, token_idx), kept, layout)
+            out = torch.zeros_like(x).index_add_(
+                0, token_idx, expert_out * gate.unsqueeze(-1).to(expert_out.dtype)
+            )
+        else:
+            counts = kept.tolist()
+            expert_inputs = x.index_select(0, token_idx).split(counts)
+            # Every expert runs, even on zero tokens, so all of them are in the autograd graph. Each
+            # expert's output is scaled and added into `out` on its own: no concatenated (k*S, d)
+            # copy and no full-size product, which at large S are fresh page-faulting allocations.
+            out = torch.zeros_like(x)
+            chunks = zip(self.experts, expert_inputs, token_idx.split(counts), gate.split(counts))
+            for expert, chunk, idx, g in chunks:
+                expert_out = expert(chunk)
+                out.index_add_(0, idx, expert_out * g.unsqueeze(-1).to(expert_out.dtype))
 
         self._record_losses_and_stats(logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept)
         return out.view(hidden_states.shape)

@@ -1,0 +1,103 @@
+"""The benchmark's own machinery: interleaving, paired ratios, memory tracking, baselines, verdicts."""
+
+from __future__ import annotations
+
+import torch
+
+from bench import layers, memory, moe_layer, timing
+from moe_llava.model.moe import SparseMoeBlock
+
+
+def test_interleaved_rounds_rotate_the_order_and_skip_warmup():
+    calls = []
+    variants = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    result = timing.time_interleaved(variants, repeats=3, warmup=1)
+    assert calls == list("abc") + list("bca") + list("cab") + list("abc")
+    assert {name: len(v) for name, v in result.samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_summaries_and_paired_ratios():
+    assert timing.summarize([3.0, 1.0, 2.0], scale=10) == {"median": 20.0, "min": 10.0, "max": 30.0, "n": 3}
+    assert timing.summarize([])["median"] is None
+    ratio = timing.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0], factor=2)
+    assert ratio["median"] == 1.0 and ratio["max"] == 1.5
+
+
+def test_memory_tracker_counts_new_tensors_not_inputs_or_views():
+    x = torch.randn(256, 256)  # 256 KiB, exists before: not counted
+
+    def work():
+        y = x * 2  # 256 KiB
+        z = y.t()  # view: nothing new
+        w = z + 1  # 256 KiB, y still alive
+        del y, z, w
+        x.view(-1)
+
+    with memory.TensorMemoryTracker() as tracker:
+        work()
+    assert tracker.peak == 2 * 256 * 256 * 4
+    assert tracker.current == 0
+    assert memory.peak_memory_bytes(work, torch.device("cpu")) == 2 * 256 * 256 * 4
+
+
+def _block(capacity_factor=None, seed=0):
+    torch.manual_seed(seed)
+    dense = layers.make_dense_ffn("swiglu", 32, 64)
+    block = SparseMoeBlock.from_dense(dense, 4, 2, capacity_factor=capacity_factor)
+    layers.perturb_experts(block, scale=0.3, seed=seed + 1)
+    return block
+
+
+def test_einsum_baseline_equals_sparse_block_at_the_same_capacity_drops_included():
+    block = _block(capacity_factor=0.75).train()  # C = 24 of 32 assignments per expert on average
+    baseline = layers.EinsumTop2Moe(block, capacity_factor=0.75)
+    x = torch.randn(2, 32, 32)
+    with torch.no_grad():
+        ours, theirs = block(x), baseline(x)
+        _, dispatch, capacity = baseline.gating(x.reshape(-1, 32))
+    assert capacity == block.capacity(64) == 24
+    assert int(dispatch.sum()) == int(block.last_stats.kept.sum()) < 128  # something was dropped
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_mixtral_copy_computes_the_same_block():
+    block = _block().eval()
+    x = torch.randn(1, 48, 32)
+    for impl in layers.MIXTRAL_IMPLEMENTATIONS:
+        mixtral = layers.mixtral_from_block(block, impl).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(mixtral(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_only_and_gemm_ceiling_run():
+    block = _block()
+    x, grad = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    layers.experts_only_fn(block, x, grad)()
+    assert all(p.grad is not None for p in block.experts.parameters())
+    layers.gemm_ceiling_fn("gelu", 32, 32, 64, torch.float32, torch.device("cpu"), backward=True)()
+    assert layers.ffn_matmul_flops_per_token("swiglu", 32, 64) == 2 * 3 * 32 * 64
+
+
+def test_target_verdicts_margin_and_applicability():
+    def row(tokens, mode, dtype, ratio, mixtral):
+        stats = lambda v: {"median": v, "min": v, "max": v, "n": 1}  # noqa: E731
+        return {
+            "activation": "swiglu",
+            "dtype": dtype,
+            "tokens": tokens,
+            "mode": mode,
+            "ratio_moe_vs_k_dense": stats(ratio),
+            "speedup_vs_mixtral_fastest": stats(mixtral),
+        }
+
+    verdicts = moe_layer.evaluate_targets(
+        [row(512, "fwd_bwd", "float32", 1.3, 1.2), row(2048, "fwd_bwd", "bfloat16", 1.2, 1.0)]
+    )
+    by_case = {(v["target"], v["case"]): v for v in verdicts}
+    dense_bf16 = by_case[("moe_vs_k_dense", "swiglu/bfloat16/S=2048/fwd_bwd")]
+    assert dense_bf16["met"] is False and dense_bf16["threshold"] == 1.15
+    assert abs(dense_bf16["margin"] - (1.15 / 1.2 - 1)) < 1e-12
+    assert ("moe_vs_k_dense", "swiglu/float32/S=512/fwd_bwd") not in by_case  # only from 2048 tokens
+    assert by_case[("speedup_vs_mixtral", "swiglu/float32/S=512/fwd_bwd")]["met"] is True
+    assert by_case[("speedup_vs_mixtral", "swiglu/bfloat16/S=2048/fwd_bwd")]["met"] is False
+    assert all(v["target"] != "speedup_vs_deepspeed_einsum" for v in verdicts)
