@@ -114,3 +114,22 @@ def test_auto_classes_load_the_export(tiny_vlm, tmp_path):
     tiny_vlm.save_pretrained(tmp_path)
     assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "MoELlavaConfig"
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), MoELlavaForCausalLM)
+
+
+def test_unused_vision_parameters_are_exactly_those_without_gradient(tiny_vlm):
+    tiny_vlm.train()
+    batch = multimodal_batch(tiny_vlm)
+    tiny_vlm(**batch, labels=batch["input_ids"]).loss.backward()
+    no_grad = {f"vision_tower.{n}" for n, p in tiny_vlm.vision_tower.named_parameters() if p.grad is None}
+    assert no_grad == tiny_vlm.unused_vision_parameter_names()
+    assert any("layers.1." in n for n in no_grad) and any("post_layernorm" in n for n in no_grad)
+
+
+def test_text_only_training_batch_keeps_the_image_path_in_the_graph(tiny_vlm):
+    tiny_vlm.train()
+    input_ids = torch.randint(3, 90, (2, 5))
+    out = tiny_vlm(input_ids, labels=input_ids)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.all(p.grad == 0) for p in tiny_vlm.projector.parameters())
+    tiny_vlm.eval()
+    torch.testing.assert_close(tiny_vlm(input_ids, labels=input_ids).loss, out.loss)

@@ -8,6 +8,7 @@ replaced by the projected patch features of the vision tower's ``vision_feature_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +155,7 @@ class MoELlavaForCausalLM(PreTrainedModel):
                 raise ValueError(
                     f"input_ids hold {num_positions} image-token positions but pixel_values is None"
                 )
-            return embeds, image_mask
+            return self._keep_image_path_in_graph(embeds), image_mask
         expected = pixel_values.shape[0] * self.num_image_tokens
         if num_positions != expected:
             raise ValueError(
@@ -164,6 +165,37 @@ class MoELlavaForCausalLM(PreTrainedModel):
         features = self.encode_images(pixel_values).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
         return embeds, image_mask
+
+    def _keep_image_path_in_graph(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Text-only training batches: add the image path's trainable parameters with weight 0.
+
+        Batches are grouped by modality, so under data parallelism one rank may see images while
+        another does not; this keeps the projector (and a trainable vision tower) in every rank's
+        graph, as DDP without ``find_unused_parameters`` requires. The gradients it adds are zeros.
+        """
+        if not (self.training and torch.is_grad_enabled()):
+            return embeds
+        params = [
+            p for p in (*self.vision_tower.parameters(), *self.projector.parameters()) if p.requires_grad
+        ]
+        if not params:
+            return embeds
+        return embeds + 0.0 * torch.stack([p.sum() for p in params]).sum().to(embeds.dtype)
+
+    def unused_vision_parameter_names(self) -> set[str]:
+        """Vision-tower parameters that cannot affect the features used: the encoder layers after
+        ``vision_feature_layer``, the final norm and any pooling head (named as in ``named_parameters``)."""
+        num_layers = self.config.vision_config.num_hidden_layers
+        feature_layer = self.config.vision_feature_layer
+        first_unused = num_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
+        unused = set()
+        for name, _ in self.vision_tower.named_parameters():
+            layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+            if (layer and int(layer.group(1)) >= first_unused) or re.search(
+                r"(?:^|\.)(post_layernorm|head)\.", name
+            ):
+                unused.add(f"vision_tower.{name}")
+        return unused
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -38,7 +38,7 @@ from moe_llava.training.stages import (
     split_moe_settings,
 )
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
-from moe_llava.training.tracking import StageRun, data_hash, git_commit
+from moe_llava.training.tracking import StageRun, data_hash, git_commit, tracking_uri
 from moe_llava.training.validation import accumulation_steps, validate_stage_config
 
 COMPLETED = "COMPLETED"
@@ -133,7 +133,7 @@ def run_stage(
         completed_marker.unlink(missing_ok=True)
 
     model, tokenizer, image_processor, origin = _load_model_and_processors(cfg, paths["init"])
-    trainable = configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
+    configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
     if cfg.stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -155,18 +155,15 @@ def run_stage(
     )
     try:
         run.log_config(OmegaConf.to_container(cfg), OmegaConf.to_yaml(cfg))
-        counts = {
-            "trainable_parameters": sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
-        }
+        counts = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         run.log_metrics(counts)
         result = _fit(cfg, model, tokenizer, image_processor, paths, run, resume, callbacks or [])
         if rank_zero_only.rank == 0:
             export_stage(model, tokenizer, image_processor, paths["export"])
             result.update(counts, wall_time_s=time.perf_counter() - started, resumed=resume)
             (paths["stage_dir"] / "metrics.json").write_text(json.dumps(result, indent=2))
-            run.log_metrics(
-                {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            )
+            # Summary numbers only: the per-step series (train/loss ...) were logged during training.
+            run.log_metrics({k: v for k, v in result.items() if "/" not in k and _is_number(v)})
             if cfg.logger.get("log_model_weights", True):
                 run.log_artifacts(paths["export"], "export")
             completed_marker.write_text(run.run_id or "")
@@ -195,7 +192,9 @@ def _fit(
     )
     logger = MLFlowLogger(
         experiment_name=cfg.experiment_name,
-        tracking_uri=None if not run.active else __import__("mlflow").get_tracking_uri(),
+        tracking_uri=tracking_uri(
+            cfg.logger
+        ),  # every rank: the logger builds a client even where it logs nothing
         run_id=run.run_id,
     )
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
@@ -239,6 +238,7 @@ def _fit(
         weight_decay=float(stage_cfg.weight_decay),
         warmup_ratio=float(stage_cfg.warmup_ratio),
     )
+    model.train()  # `from_pretrained` returns eval mode, and Lightning keeps the modes it finds
     trainer.fit(
         module,
         datamodule=datamodule,
@@ -247,3 +247,7 @@ def _fit(
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {"global_step": trainer.global_step, "epochs": trainer.current_epoch, **metrics}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -28,8 +28,11 @@ def previous_stage(stage: str) -> str | None:
 
 def group_parameter_names(model: MoELlavaForCausalLM, group: str) -> set[str]:
     """Names (as in ``model.named_parameters()``) of the parameters of one trainable group."""
-    if group in ("projector", "vision_tower", "language_model"):
+    if group in ("projector", "language_model"):
         return {f"{group}.{name}" for name, _ in getattr(model, group).named_parameters()}
+    if group == "vision_tower":  # minus the layers after the feature layer: they never get a gradient
+        names = {f"vision_tower.{name}" for name, _ in model.vision_tower.named_parameters()}
+        return names - model.unused_vision_parameter_names()
     if group == "ffn":  # every decoder layer's FFN: MoE experts + routers, and the dense FFNs of the rest
         layer_names = {id(layer): name for name, layer in model.language_model.named_modules()}
         names = set()

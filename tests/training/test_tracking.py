@@ -1,0 +1,156 @@
+"""MLflow tracking of stages (real SQLite store), and resuming a stage whose process was killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+
+from moe_llava.data.tokenizer import load_tokenizer
+from moe_llava.model.builder import build_image_processor
+from moe_llava.training import run_stage
+from moe_llava.training.run import export_stage, resolve_stage_config
+from moe_llava.training.tracking import RUN_ID_FILE
+from tests.training.conftest import shrunk_overrides
+
+
+@pytest.fixture
+def dense_export(compose_stage, shapesworld, tmp_path) -> Path:
+    """A dense `save_pretrained` export, as stage 2 leaves it (built directly, no training)."""
+    cfg = resolve_stage_config(compose_stage("stage2"))
+    tokenizer = load_tokenizer(shapesworld / "tokenizer")
+    model = instantiate(cfg.model, tokenizer=tokenizer)
+    export = tmp_path / "dense_export"
+    export_stage(model, tokenizer, build_image_processor(cfg.model.vision_tower, pretrained=False), export)
+    return export
+
+
+def _client(tmp_path) -> MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return MlflowClient()
+
+
+@pytest.mark.timeout(300)
+def test_stage_run_nested_under_pipeline_run_with_params_tags_metrics_and_artifacts(
+    compose_stage, dense_export, tmp_path
+):
+    client = _client(tmp_path)
+    experiment_id = client.create_experiment(
+        "tiny-cpu", artifact_location=(tmp_path / "mlartifacts").as_uri()
+    )
+    parent = client.create_run(experiment_id, run_name="pipeline")
+    result = run_stage(
+        compose_stage("stage3", f"init_from={dense_export}", f"parent_run_id={parent.info.run_id}")
+    )
+    assert result["global_step"] == 3
+
+    run_id = (tmp_path / "artifacts" / "stage3" / RUN_ID_FILE).read_text()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags["stage"] == "stage3" and len(run.data.tags["git_commit"]) == 40
+    assert '"num_experts": 4' in run.data.tags["moe"]
+    assert run.data.params["stage.lr"] == "0.0005" and run.data.params["moe.capacity_factor"] == "1.5"
+    metrics = run.data.metrics
+    for key in (
+        "train/loss",
+        "train/lm_loss",
+        "train/aux_loss",
+        "train/tokens_per_sec",
+        "train/samples_per_sec",
+        "lr-AdamW",
+        "trainable_parameters",
+        "moe/layer0/expert0_load",
+        "moe/layer2/drop_rate",
+        "moe/layer0/entropy",
+        "moe/layer0/image_expert3_load",
+        "moe/layer0/text_expert3_load",
+    ):
+        assert key in metrics, key
+    loads = [metrics[f"moe/layer0/expert{e}_load"] for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0)
+    assert len(client.get_metric_history(run_id, "train/loss")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "export"} <= artifacts
+    exported = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert "export/model.safetensors" in exported and "export/tokenizer.json" in exported
+    assert "upcycled layers [0, 2]" in run.data.tags["model_origin"]
+
+
+def _launch_stage(overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe_llava.train", *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, checkpoints: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if list(checkpoints.glob("step*.ckpt")) and (checkpoints / "last.ckpt").exists():
+                break
+            assert proc.poll() is None, "the stage ended before a checkpoint was written"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within the timeout")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # as a node failure would: no cleanup runs
+        proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(600)
+def test_killed_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(
+    shapesworld, compose_stage, tmp_path
+):
+    long_run = [
+        *shrunk_overrides(shapesworld, tmp_path),
+        "stage=stage1",
+        "++stage_overrides.stage1.max_steps=500",
+    ]
+    stage_dir = tmp_path / "artifacts" / "stage1"
+    _kill_after_checkpoint(_launch_stage(long_run), stage_dir / "checkpoints")
+    client = _client(tmp_path)
+    dead_run_id = (stage_dir / RUN_ID_FILE).read_text()
+    assert client.get_run(dead_run_id).info.status == "RUNNING"  # what a killed process leaves behind
+    assert not (stage_dir / "COMPLETED").exists()
+
+    result = run_stage(compose_stage("stage1", "++stage_overrides.stage1.max_steps=8"))
+    assert result["resumed"] is True and result["global_step"] == 8
+    assert (stage_dir / RUN_ID_FILE).read_text() == dead_run_id
+    run = client.get_run(dead_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    steps = [m.step for m in client.get_metric_history(dead_run_id, "train/loss")]
+    assert max(steps) == 7 and len(set(steps)) == 8, "steps continue where the killed attempt stopped"
+
+    # A completed stage re-run starts over (fresh run), it does not "resume" a finished one.
+    again = run_stage(compose_stage("stage1", "++stage_overrides.stage1.max_steps=2"))
+    assert again["resumed"] is False and (stage_dir / RUN_ID_FILE).read_text() != dead_run_id
+
+
+@pytest.mark.timeout(600)
+def test_killed_stage_not_resumed_is_marked_failed(shapesworld, compose_stage, tmp_path):
+    long_run = [
+        *shrunk_overrides(shapesworld, tmp_path),
+        "stage=stage1",
+        "++stage_overrides.stage1.max_steps=500",
+    ]
+    stage_dir = tmp_path / "artifacts" / "stage1"
+    _kill_after_checkpoint(_launch_stage(long_run), stage_dir / "checkpoints")
+    dead_run_id = (stage_dir / RUN_ID_FILE).read_text()
+    result = run_stage(compose_stage("stage1", "resume=never", "++stage_overrides.stage1.max_steps=2"))
+    assert result["resumed"] is False and result["global_step"] == 2
+    client = _client(tmp_path)
+    assert client.get_run(dead_run_id).info.status == "FAILED"
+    runs = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED", "FINISHED"}
