@@ -1,0 +1,115 @@
+"""The real Hydra config composes for every preset and trainer, and invalid settings name their key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moe_llava.model.upcycle import find_decoder_layers
+from moe_llava.paths import CONF_DIR
+from moe_llava.training.run import resolve_stage_config
+from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
+from moe_llava.training.validation import ConfigError, validate_stage_config
+
+
+def composed(*overrides: str, command_line: tuple[str, ...] = ()) -> dict:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(resolve_stage_config(cfg, command_line or overrides))
+
+
+@pytest.mark.parametrize("experiment", ["tiny_cpu", "phi2_clip336", "qwen_clip336", "stablelm_clip336"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_presets_compose_and_validate(experiment, stage):
+    cfg = composed(f"experiment={experiment}", f"stage={stage}")
+    validate_stage_config(cfg, check_paths=False)
+    assert cfg["stage"]["name"] == stage
+
+
+def test_paper_recipes_keep_paper_hyperparameters():
+    stage1 = composed("experiment=phi2_clip336", "stage=stage1")["stage"]
+    stage3 = composed("experiment=phi2_clip336", "stage=stage3")
+    assert (stage1["lr"], stage1["global_batch_size"], stage1["trainable"]) == (1e-3, 256, ["projector"])
+    assert (stage3["stage"]["lr"], stage3["stage"]["global_batch_size"]) == (2e-5, 128)
+    assert stage3["stage"]["trainable"] == ["projector", "ffn"]
+    assert stage3["moe"] == {
+        **stage3["moe"],
+        "num_experts": 4,
+        "top_k": 2,
+        "layers": "sparse",
+        "capacity_factor": 1.5,
+        "eval_capacity_factor": 2.0,
+    }
+    assert stage3["data"]["stages"]["stage3"]["template"] == "phi"
+    assert (
+        composed("experiment=qwen_clip336", "stage=stage2")["data"]["stages"]["stage2"]["template"] == "qwen"
+    )
+
+
+def test_command_line_stage_values_win_over_the_preset():
+    assert composed("experiment=tiny_cpu", "stage=stage2")["stage"]["lr"] == 1e-3  # preset value
+    assert composed("experiment=tiny_cpu", "stage=stage2", "stage.lr=0.123")["stage"]["lr"] == 0.123
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp", "deepspeed_stage_2"])
+def test_trainer_configs_compose_and_validate(trainer):
+    cfg = composed(
+        "experiment=tiny_cpu", f"trainer={trainer}", "stage.global_batch_size=64", "stage.micro_batch_size=8"
+    )
+    validate_stage_config(cfg, check_paths=False)
+
+
+def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
+    cfg = composed("trainer=fsdp")
+    tiny_vlm.upcycle()
+    strategy = build_strategy(cfg["trainer"]["strategy"], tiny_vlm)
+    assert type(strategy).__name__ == "FSDPStrategy" and not is_checkpoint_io_compatible(strategy)
+    wrapped = strategy.kwargs[
+        "auto_wrap_policy"
+    ]._module_classes  # Lightning turns the set into a ModuleWrapPolicy
+    assert type(find_decoder_layers(tiny_vlm.language_model)[0]) in wrapped
+    assert not any(cls.__name__ in ("SparseMoeBlock", "LlamaMLP") for cls in wrapped), (
+        "experts are not split apart"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["stage.lr=0"], "stage.lr"),
+        (["stage.global_batch_size=30", "stage.micro_batch_size=8"], "stage.global_batch_size"),
+        (
+            ["trainer.devices=3", "stage.global_batch_size=32", "stage.micro_batch_size=8"],
+            "stage.global_batch_size",
+        ),
+        (["moe.top_k=5"], "moe.top_k"),
+        (["moe.num_experts=1"], "moe.num_experts"),
+        (["moe.layers=every_other"], "moe.layers"),
+        (["moe.capacity_factor=0"], "moe.capacity_factor"),
+        (["stage.trainable=[projector,attention]"], "stage.trainable"),
+        (["stage.warmup_ratio=1.5"], "stage.warmup_ratio"),
+        (["trainer.precision=fp8"], "trainer.precision"),
+        (["trainer.strategy=horovod"], "trainer.strategy"),
+        (["model.language_model.config.model_type=not-a-model"], "model.language_model.config.model_type"),
+        (["model.vision_tower.config.model_type=llama"], "model.vision_tower.config.model_type"),
+        (["resume=sometimes"], "resume"),
+    ],
+)
+def test_invalid_settings_name_the_key(overrides, key):
+    cfg = composed("experiment=tiny_cpu", *overrides)
+    with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}:"):
+        validate_stage_config(cfg, check_paths=False)
+
+
+def test_missing_data_and_previous_export_are_reported_before_any_work(tmp_path):
+    cfg = composed("experiment=tiny_cpu", f"data.root={tmp_path}/nowhere")
+    with pytest.raises(ConfigError, match="^data.stages.stage1.train: manifest .* does not exist"):
+        validate_stage_config(cfg)
+    cfg = composed("experiment=tiny_cpu", "stage=stage2", f"run_dir={tmp_path}")
+    cfg["data"]["stages"]["stage2"]["train"] = __file__  # any existing file: the check after it fails
+    cfg["data"]["stages"]["stage2"]["val"] = None
+    cfg["data"]["image_folder"] = str(tmp_path)
+    cfg["data"]["tokenizer"] = None
+    with pytest.raises(ConfigError, match="^init_from: stage2 starts from stage1's export"):
+        validate_stage_config(cfg)
