@@ -104,12 +104,12 @@ def test_invalid_settings_name_the_key(overrides, key):
 
 def test_missing_data_and_previous_export_are_reported_before_any_work(tmp_path):
     cfg = composed("experiment=tiny_cpu", f"data.root={tmp_path}/nowhere")
-    with pytest.raises(ConfigError, match="^data.stages.stage1.train: manifest .* does not exist"):
+    with pytest.raises(ConfigError, match=r"^data\.stages\.stage1\.train: manifest .* does not exist"):
         validate_stage_config(cfg)
     cfg = composed("experiment=tiny_cpu", "stage=stage2", f"run_dir={tmp_path}")
     cfg["data"]["stages"]["stage2"]["train"] = __file__  # any existing file: the check after it fails
     cfg["data"]["stages"]["stage2"]["val"] = None
     cfg["data"]["image_folder"] = str(tmp_path)
     cfg["data"]["tokenizer"] = None
-    with pytest.raises(ConfigError, match="^init_from: stage2 starts from stage1's export"):
+    with pytest.raises(ConfigError, match=r"^init_from: stage2 starts from stage1.s export"):
         validate_stage_config(cfg)
