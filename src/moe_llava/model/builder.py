@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from moe_llava.constants import IMAGE_TOKEN
+from moe_llava.data.tokenizer import ensure_image_token
 from moe_llava.model.modeling import MoELlavaForCausalLM
 
 # Vision towers by config `model_type`: full CLIP/SigLIP checkpoints load their vision half.
@@ -102,13 +103,6 @@ def build_language_model(spec: Mapping, pretrained: bool, dtype=None, tokenizer=
     return model
 
 
-def ensure_image_token(tokenizer) -> int:
-    """Id of ``<image>`` in ``tokenizer``, adding it as a special token when the tokenizer lacks it."""
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-
 def build_model(
     vision_tower: Mapping,
     language_model: Mapping,
@@ -131,7 +125,8 @@ def build_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if tokenizer is not None:
-        image_token_id = ensure_image_token(tokenizer)
+        ensure_image_token(tokenizer)
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     with torch.device(device) if device is not None else nullcontext():
         vision = build_vision_tower(vision_tower, pretrained, dtype)
         language = build_language_model(language_model, pretrained, dtype, tokenizer)
