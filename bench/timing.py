@@ -9,7 +9,9 @@ Every benchmark in this package times its variants the same way:
   state, allocator state, another process waking up) hit all variants alike;
 * each call is timed alone with ``time.perf_counter`` (after a device synchronisation on GPU);
 * summaries are median / min / max, and comparisons are *paired*: the ratio of two variants is
-  computed per round and then summarised, which cancels load that lasts longer than one round.
+  computed per round and then summarised, which cancels load that lasts longer than one round;
+* optionally, rounds during which other processes loaded the machine are set aside and re-run
+  (see :func:`time_interleaved`), and every result says how many were.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class TimingResult:
     samples: dict[str, list[float]]
     wall_s: float
     minor_faults: dict[str, list[int]] | None = None
+    rounds_run: int = 0
+    rounds_set_aside: int = 0  # timed rounds dropped because other processes loaded the machine
+    round_loads: list[float | None] | None = None  # other processes' busy cores in each kept round
+    contended: bool = False  # True when loaded rounds had to be kept to reach `repeats`
 
     def stats_ms(self) -> dict[str, dict]:
         return {name: summarize(values, 1e3) for name, values in self.samples.items()}
@@ -72,36 +78,68 @@ def time_interleaved(
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
     before_each: Callable[[str], None] | None = None,
+    max_other_load: float | None = None,
+    max_rounds: int | None = None,
 ) -> TimingResult:
     """Time ``variants`` in interleaved, rotated rounds; see the module docstring.
 
     ``before_each(name)`` runs untimed before each call (e.g. dropping gradients), ``sync``
     around each timed call (``torch.cuda.synchronize`` on GPU).
+
+    With ``max_other_load`` (cores), a round during which other processes took more than that
+    (:attr:`LoadMonitor.contention`) is set aside and another round is run, up to ``max_rounds`` timed rounds in all
+    (default ``3 * repeats``). On a shared machine every parallel kernel then waits for a
+    descheduled thread, which inflates a variant in proportion to its number of kernels rather
+    than its work. If too few clean rounds come, the least loaded set-aside rounds fill up to
+    ``repeats`` and :attr:`TimingResult.contended` says so.
     """
     names = list(variants)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    faults: dict[str, list[int]] = {name: [] for name in names}
+    rounds: list[tuple[float | None, dict[str, float], dict[str, int]]] = []
+    limit = max_rounds if max_rounds is not None else 3 * repeats
     start = time.perf_counter()
-    for round_index in range(warmup + repeats):
+    round_index = 0
+    while True:
+        timed = round_index >= warmup
+        clean = sum(1 for load, _, _ in rounds if max_other_load is None or (load or 0.0) <= max_other_load)
+        if timed and (clean >= repeats or len(rounds) >= max(limit, repeats)):
+            break
         shift = round_index % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
-            if before_each is not None:
-                before_each(name)
-            if sync is not None:
-                sync()
-            f0 = _minor_faults()
-            t0 = time.perf_counter()
-            variants[name]()
-            if sync is not None:
-                sync()
-            elapsed = time.perf_counter() - t0
-            if round_index >= warmup:
-                samples[name].append(elapsed)
-                faults[name].append(_minor_faults() - f0)
+        times: dict[str, float] = {}
+        faults: dict[str, int] = {}
+        with LoadMonitor() as load:
+            for name in names[shift:] + names[:shift]:
+                if before_each is not None:
+                    before_each(name)
+                if sync is not None:
+                    sync()
+                f0 = _minor_faults()
+                t0 = time.perf_counter()
+                variants[name]()
+                if sync is not None:
+                    sync()
+                times[name] = time.perf_counter() - t0
+                faults[name] = _minor_faults() - f0
+        if timed:
+            rounds.append((load.contention, times, faults))
+        round_index += 1
+
+    def is_clean(entry) -> bool:
+        return max_other_load is None or (entry[0] or 0.0) <= max_other_load
+
+    kept = [r for r in rounds if is_clean(r)][:repeats]
+    contended = len(kept) < repeats
+    if contended:
+        extra = sorted((r for r in rounds if not is_clean(r)), key=lambda r: r[0] or 0.0)
+        kept += extra[: repeats - len(kept)]
+        kept.sort(key=rounds.index)  # back to round order, so that pairs stay aligned
     return TimingResult(
-        samples=samples,
+        samples={name: [r[1][name] for r in kept] for name in names},
         wall_s=time.perf_counter() - start,
-        minor_faults=faults if resource is not None else None,
+        minor_faults={name: [r[2][name] for r in kept] for name in names} if resource is not None else None,
+        rounds_run=len(rounds),
+        rounds_set_aside=len(rounds) - sum(1 for r in rounds if is_clean(r)),
+        round_loads=[r[0] for r in kept],
+        contended=contended,
     )
 
 
@@ -120,21 +158,26 @@ def _read_proc_stat() -> tuple[float, float] | None:
 
 
 class LoadMonitor:
-    """Average number of CPU cores busy with *other* processes while the block ran.
+    """How much other processes competed for the CPUs while the block ran.
 
-    Linux only (``/proc/stat`` and ``os.times``); elsewhere ``other_cores`` stays None. A value
-    near 0 means the timings are clean; a value near the core count means every parallel kernel
-    competed with another process for the cores, and medians are inflated accordingly.
+    ``waiting_cores``: the time this process's threads spent runnable but waiting for a CPU
+    (``/proc/self/task/*/schedstat``, nanoseconds), per second of wall time. It is the direct
+    measure of contention: 0 on an idle machine, about 1 when another process held one of two
+    cores throughout. ``other_cores_busy``: CPU time of all other processes per second of wall
+    time (``/proc/stat``, 10 ms ticks, so coarse for short blocks). ``contention`` is the first
+    of the two that is available. Linux only; elsewhere all three stay None.
     """
 
     def __init__(self) -> None:
         self.other_cores: float | None = None
         self.own_cores: float | None = None
+        self.waiting_cores: float | None = None
         self.cores = os.cpu_count()
 
     def __enter__(self) -> LoadMonitor:
         self._stat0 = _read_proc_stat()
         self._own0 = _own_cpu_seconds()
+        self._wait0 = _own_runqueue_wait_seconds()
         self._wall0 = time.perf_counter()
         return self
 
@@ -142,15 +185,44 @@ class LoadMonitor:
         wall = time.perf_counter() - self._wall0
         stat1 = _read_proc_stat()
         own = _own_cpu_seconds() - self._own0
+        wait1 = _own_runqueue_wait_seconds()
         if wall <= 0:
             return
         self.own_cores = own / wall
         if self._stat0 is not None and stat1 is not None:
             busy = stat1[0] - self._stat0[0]
             self.other_cores = max(0.0, (busy - own) / wall)
+        if self._wait0 is not None and wait1 is not None:
+            self.waiting_cores = max(0.0, (wait1 - self._wait0) / wall)
+
+    @property
+    def contention(self) -> float | None:
+        return self.waiting_cores if self.waiting_cores is not None else self.other_cores
 
     def as_dict(self) -> dict:
-        return {"cores": self.cores, "own_cores_busy": self.own_cores, "other_cores_busy": self.other_cores}
+        return {
+            "cores": self.cores,
+            "own_cores_busy": self.own_cores,
+            "other_cores_busy": self.other_cores,
+            "waiting_cores": self.waiting_cores,
+        }
+
+
+def _own_runqueue_wait_seconds() -> float | None:
+    """Total run-queue wait of this process's live threads, or None without per-thread schedstat."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total, seen = 0, False
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+                seen = True
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended, or no schedstat
+    return total / 1e9 if seen else None
 
 
 def _own_cpu_seconds() -> float:

@@ -16,6 +16,30 @@ def test_interleaved_rounds_rotate_the_order_and_skip_warmup():
     assert {name: len(v) for name, v in result.samples.items()} == {"a": 3, "b": 3, "c": 3}
 
 
+def test_loaded_rounds_are_set_aside_and_rerun(monkeypatch):
+    loads = iter([0.0, 0.9, 0.0, 0.8, 0.0, 0.5])  # warmup, then timed rounds
+
+    class FakeMonitor:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.contention = next(loads)
+
+    monkeypatch.setattr(timing, "LoadMonitor", FakeMonitor)
+    calls = []
+    result = timing.time_interleaved({"a": lambda: calls.append(1)}, repeats=2, warmup=1, max_other_load=0.1)
+    assert result.rounds_run == 4 and result.rounds_set_aside == 2 and not result.contended
+    assert result.round_loads == [0.0, 0.0] and len(result.samples["a"]) == 2 and len(calls) == 5
+
+    # Never quiet enough: after max_rounds the least loaded rounds are kept, flagged.
+    loads = iter([0.0, 0.9, 0.3, 0.8, 0.2])
+    result = timing.time_interleaved(
+        {"a": lambda: None}, repeats=2, warmup=1, max_other_load=0.1, max_rounds=4
+    )
+    assert result.contended and result.rounds_run == 4 and result.round_loads == [0.3, 0.2]
+
+
 def test_summaries_and_paired_ratios():
     assert timing.summarize([3.0, 1.0, 2.0], scale=10) == {"median": 20.0, "min": 10.0, "max": 30.0, "n": 3}
     assert timing.summarize([])["median"] is None

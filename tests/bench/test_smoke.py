@@ -73,7 +73,11 @@ def test_quick_run_correctness_checks_all_passed(quick_result):
 def test_environment_drop_rates_and_target_verdicts(quick_result):
     env = quick_result["environment"]
     assert env["device"] in ("cpu", "cuda") and env["torch"] and env["moe_expert_path"]
-    assert set(env["load"]) == {"cores", "own_cores_busy", "other_cores_busy"}
+    assert set(env["load"]) == {"cores", "own_cores_busy", "other_cores_busy", "waiting_cores"}
+    for row in quick_result["results"]:
+        rounds = row["rounds"]
+        assert rounds["run"] >= 1 and 0 <= rounds["set_aside"] <= rounds["run"]
+        assert len(rounds["kept_waiting_cores"]) == 1 and isinstance(rounds["contended"], bool)
     drops = quick_result["drop_rates"]
     assert len(drops) == 4
     for d in drops:
