@@ -6,10 +6,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from moe_llava.data.shapesworld import generate_shapesworld
+from moe_llava.data.tokenizer import load_tokenizer
+from moe_llava.model.builder import build_image_processor
 from moe_llava.paths import CONF_DIR
+from moe_llava.training.run import export_stage, resolve_stage_config
 
 TINY_WORLD = {
     "train_images": 48,
@@ -71,3 +75,14 @@ def compose_stage(shapesworld, tmp_path):
             )
 
     return _compose
+
+
+@pytest.fixture
+def dense_export(compose_stage, shapesworld, tmp_path) -> Path:
+    """A dense `save_pretrained` export, as stage 2 leaves it (built directly, no training)."""
+    cfg = resolve_stage_config(compose_stage("stage2"))
+    tokenizer = load_tokenizer(shapesworld / "tokenizer")
+    model = instantiate(cfg.model, tokenizer=tokenizer)
+    export = tmp_path / "dense_export"
+    export_stage(model, tokenizer, build_image_processor(cfg.model.vision_tower, pretrained=False), export)
+    return export

@@ -12,13 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.training.conftest import shrunk_overrides
-from tests.training.test_tracking import dense_export  # noqa: F401  (fixture)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 @pytest.mark.timeout(600)
-def test_stage3_ddp_two_cpu_processes_ranks_identical(shapesworld, dense_export, tmp_path):  # noqa: F811
+def test_stage3_ddp_two_cpu_processes_ranks_identical(shapesworld, dense_export, tmp_path):
     overrides = [
         *shrunk_overrides(shapesworld, tmp_path),
         "stage=stage3",

@@ -96,3 +96,11 @@ def test_stage3_continues_from_an_existing_moe_checkpoint(compose_stage, tmp_pat
     assert result["global_step"] == 1
     model = MoELlavaForCausalLM.from_pretrained(tmp_path / "continued" / "stage3" / "export")
     assert model.config.moe["layers"] == [1]
+
+
+@pytest.mark.parametrize("options", [["trainer.precision=bf16-mixed"], ["stage.gradient_checkpointing=true"]])
+def test_stage3_bf16_mixed_and_gradient_checkpointing_on_cpu(compose_stage, dense_export, options):
+    recorder = ParameterChangeRecorder()
+    result = run_stage(compose_stage("stage3", f"init_from={dense_export}", *options), callbacks=[recorder])
+    assert result["global_step"] == 3 and torch.isfinite(torch.tensor(result["train/loss"]))
+    assert recorder.changed == recorder.trainable

@@ -11,26 +11,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from moe_llava.data.tokenizer import load_tokenizer
-from moe_llava.model.builder import build_image_processor
 from moe_llava.training import run_stage
-from moe_llava.training.run import export_stage, resolve_stage_config
 from moe_llava.training.tracking import RUN_ID_FILE
 from tests.training.conftest import shrunk_overrides
-
-
-@pytest.fixture
-def dense_export(compose_stage, shapesworld, tmp_path) -> Path:
-    """A dense `save_pretrained` export, as stage 2 leaves it (built directly, no training)."""
-    cfg = resolve_stage_config(compose_stage("stage2"))
-    tokenizer = load_tokenizer(shapesworld / "tokenizer")
-    model = instantiate(cfg.model, tokenizer=tokenizer)
-    export = tmp_path / "dense_export"
-    export_stage(model, tokenizer, build_image_processor(cfg.model.vision_tower, pretrained=False), export)
-    return export
 
 
 def _client(tmp_path) -> MlflowClient:

@@ -111,18 +111,11 @@ def dataset_from_config(
     manifest = manifest or stage_manifest(cfg, stage, split)
     if manifest is None:
         raise ValueError(f"stage {stage!r} has no {split!r} manifest")
-    pad_color = _get(cfg, "pad_color")
-    kwargs: dict[str, Any] = {
-        "template": _get(node, "template", "phi"),
-        "image_processor": image_processor,
-        "image_folder": _get(cfg, "image_folder"),
-        "num_image_tokens": num_image_tokens,
-        "max_length": _get(cfg, "max_length"),
-        "image_aspect": _get(node, "image_aspect", "pad"),
-        "pad_color": None if pad_color is None else [int(c) for c in pad_color],
-        "overlength": _get(cfg, "overlength", "reject"),
-        "max_image_pixels": int(_get(cfg, "max_image_pixels", 40_000_000)),
-    }
+    kwargs = _dataset_kwargs(cfg, node, image_processor, num_image_tokens)
+    kwargs.update(
+        overlength=_get(cfg, "overlength", "reject"),
+        max_image_pixels=int(_get(cfg, "max_image_pixels", 40_000_000)),
+    )
     kwargs.update(overrides)
     return LlavaDataset(manifest, tokenizer, **kwargs)
 
@@ -138,8 +131,15 @@ def eval_dataset_from_config(
 ) -> LlavaDataset:
     """A generation-mode dataset (POPE/VQA files carry LLaVA ``conversations``) with the eval settings."""
     node = _get(cfg, "eval") or {}
+    kwargs = _dataset_kwargs(cfg, node, image_processor, num_image_tokens)
+    kwargs.update(generation=True, **overrides)
+    return LlavaDataset(manifest, tokenizer, **kwargs)
+
+
+def _dataset_kwargs(cfg: Any, node: Any, image_processor: Any, num_image_tokens: int) -> dict[str, Any]:
+    """LlavaDataset settings shared by training and evaluation; ``node`` holds template and aspect."""
     pad_color = _get(cfg, "pad_color")
-    kwargs: dict[str, Any] = {
+    return {
         "template": _get(node, "template", "phi"),
         "image_processor": image_processor,
         "image_folder": _get(cfg, "image_folder"),
@@ -147,7 +147,4 @@ def eval_dataset_from_config(
         "max_length": _get(cfg, "max_length"),
         "image_aspect": _get(node, "image_aspect", "pad"),
         "pad_color": None if pad_color is None else [int(c) for c in pad_color],
-        "generation": True,
     }
-    kwargs.update(overrides)
-    return LlavaDataset(manifest, tokenizer, **kwargs)

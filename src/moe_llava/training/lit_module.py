@@ -37,36 +37,16 @@ class MoELlavaLitModule(L.LightningModule):
         return self.model(**{key: batch[key] for key in MODEL_INPUTS if batch.get(key) is not None})
 
     def _log_losses(self, out, split: str, batch_size: int) -> None:
+        # Training: per step on this rank; validation: epoch means synchronised across ranks.
         on_step = split == "train"
-        self.log(
-            f"{split}/loss",
-            out.loss,
-            prog_bar=True,
-            batch_size=batch_size,
-            on_step=on_step,
-            on_epoch=not on_step,
-            sync_dist=not on_step,
-        )
-        self.log(
-            f"{split}/lm_loss",
-            out.lm_loss,
-            batch_size=batch_size,
-            on_step=on_step,
-            on_epoch=not on_step,
-            sync_dist=not on_step,
-        )
-        if out.aux_loss is not None:
+        parts = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, "z_loss": out.z_loss}
+        for name, value in parts.items():
+            if value is None:
+                continue
             self.log(
-                f"{split}/aux_loss",
-                out.aux_loss,
-                batch_size=batch_size,
-                on_step=on_step,
-                on_epoch=not on_step,
-                sync_dist=not on_step,
-            )
-            self.log(
-                f"{split}/z_loss",
-                out.z_loss,
+                f"{split}/{name}",
+                value,
+                prog_bar=name == "loss",
                 batch_size=batch_size,
                 on_step=on_step,
                 on_epoch=not on_step,
