@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip", nargs="+", default=None, help="variant names not to run (e.g. deepspeed_einsum)"
     )
+    parser.add_argument(
+        "--keep-loaded-rounds",
+        action="store_true",
+        help="no contention control: keep rounds during which other processes competed for the CPUs",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, table only")
     parser.set_defaults(func=_run_from_args)
@@ -83,10 +88,16 @@ def _finite(value):
     return value
 
 
+_DISABLED = object()  # an override that sets a field to None (plain None means "not given")
+
+
 def run_suite(name: str, quick: bool = False, out: Path | None = None, log=print, **overrides) -> dict:
     """Run one suite, write its JSON to ``out`` (default ``bench_results/<name>.json``), return the result."""
     suite = registry.load(name)
-    config = suite.config_from_options(quick=quick, **overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = suite.config_from_options(
+        quick=quick, **{k: (None if v is _DISABLED else v) for k, v in overrides.items()}
+    )
     result = suite.run(config, log=log)
     result["quick"] = quick
     out = Path(out) if out is not None else DEFAULT_OUT_DIR / f"{name}.json"
@@ -115,6 +126,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
         "d_model": args.d_model,
         "ffn": args.ffn,
         "memory": False if args.no_memory else None,
+        "max_waiting_cores": _DISABLED if args.keep_loaded_rounds else None,
     }
     failed = False
     for name in names:

@@ -102,19 +102,26 @@ class LayerBenchConfig:
     # re-run, up to `max_rounds_factor * repeats` rounds per case. None: keep every round.
     max_waiting_cores: float | None = 0.15
     max_rounds_factor: int = 3
+    max_quiet_wait_s: float = 30.0  # per case: waiting for other processes to finish after a loaded round
 
 
 FULL = LayerBenchConfig()
 QUICK = LayerBenchConfig(
-    tokens=(512, 2048), activations=("swiglu",), repeats=3, warmup=1, compare_paths=False
+    tokens=(512, 2048),
+    activations=("swiglu",),
+    repeats=3,
+    warmup=1,
+    compare_paths=False,
+    max_rounds_factor=2,
+    max_quiet_wait_s=5.0,
 )
 EXPERT_PATHS = ("loop", "grouped_mm")
 
 
 def config_from_options(quick: bool = False, **overrides) -> LayerBenchConfig:
-    """QUICK or FULL with the given fields replaced (``None`` values are ignored)."""
+    """QUICK or FULL with the given fields replaced."""
     base = QUICK if quick else FULL
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
     return dataclasses.replace(base, **values)
 
 
@@ -193,6 +200,8 @@ class _Case:
         self.moe_cf.capacity_factor = cfg.einsum_capacity_factor
         self.moe_cf.eval_capacity_factor = cfg.einsum_capacity_factor
         self.einsum = layers.EinsumTop2Moe(self.moe, capacity_factor=cfg.einsum_capacity_factor)
+        self.broken: dict[str, str] = {}
+        self._probed = False
         self.mixtral: dict[str, torch.nn.Module] = {}
         self.mixtral_skipped: dict[str, str] = {}
         if activation == "swiglu":
@@ -229,13 +238,37 @@ class _Case:
         )
 
     # ------------------------------------------------------------------ correctness
+    def _probe_optional_variants(self) -> None:
+        """Run each optional variant once (forward and backward, a few tokens): one that raises on
+        this device/dtype (e.g. a grouped GEMM that needs bf16 on CUDA) is skipped with the error."""
+        x = self._input(16, self.cfg.seed + 3)
+        grad = torch.ones_like(x)
+        optional = {f"mixtral_{impl}": m for impl, m in self.mixtral.items()}
+        optional.update({f"moe[{path}]": m for path, m in self.moe_forced.items()})
+        optional["deepspeed_einsum"] = self.einsum
+        for name, module in optional.items():
+            if name in self.broken:
+                continue
+            try:
+                module.train()(x.detach().requires_grad_(True)).backward(grad)
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                self.broken[name] = f"fails here: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            finally:
+                _zero_grads(module)
+
     def check_peers(self, x: torch.Tensor, tokens: int) -> None:
         tol = _tolerance(self.dtype)
+        if not self._probed:
+            self._probe_optional_variants()
+            self._probed = True
+        skipped = self.skipped_for(tokens, backward=False)
         with torch.no_grad():
             self.moe.eval()
             ours = self.moe(x)
             index, weights = layers.reference_routing(self.moe, x)
             for path, forced in self.moe_forced.items():
+                if f"moe[{path}]" in skipped:
+                    continue
                 abs_diff, rel = _max_rel_diff(forced.eval()(x), ours)
                 self.checks.append(
                     {
@@ -248,7 +281,6 @@ class _Case:
                         "passed": rel <= tol,
                     }
                 )
-            skipped = self.skipped_for(tokens, backward=False)
             for impl, mixtral in self.mixtral.items():
                 if f"mixtral_{impl}" in skipped:
                     continue
@@ -308,6 +340,7 @@ class _Case:
     def skipped_for(self, tokens: int, backward: bool) -> dict[str, str]:
         """Variants too large for this token count (or excluded by the config), with the reason."""
         skipped = dict(self.mixtral_skipped)
+        skipped.update(self.broken)
         skipped.update(dict.fromkeys(self.cfg.skip, "excluded by --skip"))
         free = _device_free_bytes(self.device)
         budget = None if free is None else self.cfg.memory_budget_fraction * free
@@ -391,7 +424,14 @@ class _Case:
         sync = device_lib.synchronizer(self.device)
         with LoadMonitor() as load:
             timing = time_interleaved(
-                calls, repeats=cfg.repeats, warmup=cfg.warmup, sync=sync, before_each=before_each
+                calls,
+                repeats=cfg.repeats,
+                warmup=cfg.warmup,
+                sync=sync,
+                before_each=before_each,
+                max_other_load=cfg.max_waiting_cores,
+                max_rounds=cfg.max_rounds_factor * cfg.repeats,
+                max_quiet_wait_s=cfg.max_quiet_wait_s,
             )
         samples = timing.samples
         k = cfg.top_k
@@ -410,6 +450,7 @@ class _Case:
                 "set_aside": timing.rounds_set_aside,
                 "kept_waiting_cores": timing.round_loads,
                 "contended": timing.contended,
+                "quiet_wait_s": timing.quiet_wait_s,
             },
             "wall_s": timing.wall_s,
         }

@@ -58,6 +58,7 @@ class TimingResult:
     rounds_set_aside: int = 0  # timed rounds dropped because other processes loaded the machine
     round_loads: list[float | None] | None = None  # other processes' busy cores in each kept round
     contended: bool = False  # True when loaded rounds had to be kept to reach `repeats`
+    quiet_wait_s: float = 0.0  # time spent waiting for other processes to go quiet
 
     def stats_ms(self) -> dict[str, dict]:
         return {name: summarize(values, 1e3) for name, values in self.samples.items()}
@@ -80,6 +81,7 @@ def time_interleaved(
     before_each: Callable[[str], None] | None = None,
     max_other_load: float | None = None,
     max_rounds: int | None = None,
+    max_quiet_wait_s: float = 30.0,
 ) -> TimingResult:
     """Time ``variants`` in interleaved, rotated rounds; see the module docstring.
 
@@ -91,18 +93,24 @@ def time_interleaved(
     (default ``3 * repeats``). On a shared machine every parallel kernel then waits for a
     descheduled thread, which inflates a variant in proportion to its number of kernels rather
     than its work. If too few clean rounds come, the least loaded set-aside rounds fill up to
-    ``repeats`` and :attr:`TimingResult.contended` says so.
+    ``repeats`` and :attr:`TimingResult.contended` says so. After a loaded round the next one
+    waits (:func:`wait_for_quiet`, at most ``max_quiet_wait_s`` per call in all) until the other
+    processes' load drops below ``max_other_load``.
     """
     names = list(variants)
     rounds: list[tuple[float | None, dict[str, float], dict[str, int]]] = []
     limit = max_rounds if max_rounds is not None else 3 * repeats
     start = time.perf_counter()
+    waited = 0.0
     round_index = 0
     while True:
         timed = round_index >= warmup
         clean = sum(1 for load, _, _ in rounds if max_other_load is None or (load or 0.0) <= max_other_load)
         if timed and (clean >= repeats or len(rounds) >= max(limit, repeats)):
             break
+        if timed and max_other_load is not None and rounds and (rounds[-1][0] or 0.0) > max_other_load:
+            # the last round was loaded: give the other process a moment to finish first
+            waited += wait_for_quiet(max_other_load, max(0.0, max_quiet_wait_s - waited))
         shift = round_index % len(names) if names else 0
         times: dict[str, float] = {}
         faults: dict[str, int] = {}
@@ -140,6 +148,7 @@ def time_interleaved(
         rounds_set_aside=len(rounds) - sum(1 for r in rounds if is_clean(r)),
         round_loads=[r[0] for r in kept],
         contended=contended,
+        quiet_wait_s=waited,
     )
 
 
@@ -206,6 +215,21 @@ class LoadMonitor:
             "other_cores_busy": self.other_cores,
             "waiting_cores": self.waiting_cores,
         }
+
+
+def wait_for_quiet(max_other_cores: float, max_wait_s: float, window_s: float = 0.25) -> float:
+    """Sleep in ``window_s`` steps until other processes keep at most ``max_other_cores`` cores busy
+    (``/proc/stat``; this process sleeps meanwhile), or ``max_wait_s`` passed. Returns seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        before = _read_proc_stat()
+        time.sleep(window_s)
+        after = _read_proc_stat()
+        if before is None or after is None:
+            break
+        if (after[0] - before[0]) / window_s <= max_other_cores:
+            break
+    return time.perf_counter() - start
 
 
 def _own_runqueue_wait_seconds() -> float | None:

@@ -27,10 +27,13 @@ def test_loaded_rounds_are_set_aside_and_rerun(monkeypatch):
             self.contention = next(loads)
 
     monkeypatch.setattr(timing, "LoadMonitor", FakeMonitor)
+    waits = []
+    monkeypatch.setattr(timing, "wait_for_quiet", lambda load, budget: waits.append(budget) or 1.0)
     calls = []
     result = timing.time_interleaved({"a": lambda: calls.append(1)}, repeats=2, warmup=1, max_other_load=0.1)
     assert result.rounds_run == 4 and result.rounds_set_aside == 2 and not result.contended
     assert result.round_loads == [0.0, 0.0] and len(result.samples["a"]) == 2 and len(calls) == 5
+    assert waits == [30.0, 29.0] and result.quiet_wait_s == 2.0  # after each loaded round, within budget
 
     # Never quiet enough: after max_rounds the least loaded rounds are kept, flagged.
     loads = iter([0.0, 0.9, 0.3, 0.8, 0.2])

@@ -22,6 +22,7 @@ ARGS = [
     "1",
     "--warmup",
     "0",
+    "--keep-loaded-rounds",  # CI machines are shared: never wait for them to go quiet
 ]
 VARIANTS = {"dense", "moe", "experts_only", "gemm_ceiling", "moe_cf1.5", "deepspeed_einsum"}
 MIXTRAL = {"mixtral_eager", "mixtral_grouped_mm", "mixtral_batched_mm"}
@@ -77,7 +78,7 @@ def test_environment_drop_rates_and_target_verdicts(quick_result):
     for row in quick_result["results"]:
         rounds = row["rounds"]
         assert rounds["run"] >= 1 and 0 <= rounds["set_aside"] <= rounds["run"]
-        assert len(rounds["kept_waiting_cores"]) == 1 and isinstance(rounds["contended"], bool)
+        assert len(rounds["kept_waiting_cores"]) == 1 and rounds["run"] == 1 and rounds["set_aside"] == 0
     drops = quick_result["drop_rates"]
     assert len(drops) == 4
     for d in drops:

@@ -261,8 +261,8 @@ class SparseMoeBlock(nn.Module):
             return "loop"
         inputs, output, _ = _GROUPED_LAYOUTS[layout]
         first = self.experts[0]
-        if any(getattr(first, n).weight.shape[1] % 8 for n in (*inputs, output)):
-            return "loop"
+        if any(size % 8 for n in (*inputs, output) for size in getattr(first, n).weight.shape):
+            return "loop"  # grouped GEMM kernels need 16-byte aligned bf16 rows
         key = (x.device, x.dtype, layout, tuple(id(e) for e in self.experts))
         if key not in self._grouped_checked:
             self._grouped_checked[key] = self._grouped_self_check(x, layout)
