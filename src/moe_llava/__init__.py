@@ -1,2 +1,3 @@
 """moe-tuning: MoE-LLaVA training pipeline."""
+
 __version__ = "0.1.0"

@@ -241,3 +241,15 @@ def test_bf16_block_routes_in_fp32_and_matches_dense_at_upcycling():
 def test_invalid_settings_name_the_setting(kwargs, setting):
     with pytest.raises(ValueError, match=setting):
         SparseMoeBlock.from_dense(GeluMLP(), **kwargs)
+
+
+def test_bf16_autocast_keeps_the_router_in_fp32():
+    block = distinct_block(capacity_factor=1.5).train()
+    x = torch.randn(2, 8, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    probs = torch.softmax(x.reshape(-1, D) @ block.router.weight.t(), -1)  # fp32 reference routing
+    assert torch.equal(block.last_stats.top1, torch.bincount(probs.argmax(-1), minlength=4))
+    assert block.router.weight.grad is not None and block.router.weight.grad.dtype == torch.float32

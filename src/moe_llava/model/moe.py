@@ -324,7 +324,8 @@ class SparseMoeBlock(nn.Module):
         num_slots, k, num_experts = x.shape[0], self.top_k, self.num_experts
         valid, is_image = self._token_masks(token_shape)
 
-        logits = F.linear(x.float(), self.router.weight.float())  # (S, E), fp32 whatever the model dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 even under bf16 autocast
+            logits = F.linear(x.float(), self.router.weight.float())  # (S, E)
         probs = logits.softmax(dim=-1)
         topk_idx = self._select_experts(logits, probs)  # (S, k)
         topk_prob = probs.gather(1, topk_idx)
@@ -367,7 +368,7 @@ class SparseMoeBlock(nn.Module):
                 raise ValueError("expert path 'grouped_mm' needs experts with a recognised FFN layout")
             # No host sync: offsets stay on the device. Empty experts are empty groups, still in the graph.
             expert_out = self._grouped_expert_outputs(x.index_select(0, token_idx), kept, layout)
-            out = torch.zeros_like(x).index_add_(
+            out = x.new_zeros(x.shape, dtype=expert_out.dtype).index_add_(
                 0, token_idx, expert_out * gate.unsqueeze(-1).to(expert_out.dtype)
             )
         else:
@@ -376,11 +377,11 @@ class SparseMoeBlock(nn.Module):
             # Every expert runs, even on zero tokens, so all of them are in the autograd graph. Each
             # expert's output is scaled and added into `out` on its own: no concatenated (k*S, d)
             # copy and no full-size product, which at large S are fresh page-faulting allocations.
-            out = torch.zeros_like(x)
+            out = x.new_zeros(x.shape, dtype=_output_dtype(x))
             chunks = zip(self.experts, expert_inputs, token_idx.split(counts), gate.split(counts))
             for expert, chunk, idx, g in chunks:
                 expert_out = expert(chunk)
-                out.index_add_(0, idx, expert_out * g.unsqueeze(-1).to(expert_out.dtype))
+                out.index_add_(0, idx, (expert_out * g.unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
 
         self._record_losses_and_stats(logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept)
         return out.view(hidden_states.shape)
@@ -413,6 +414,14 @@ class SparseMoeBlock(nn.Module):
                 stats.image_assigned = torch.bincount(topk_idx[is_image].reshape(-1), minlength=num_experts)
                 stats.text_assigned = torch.bincount(topk_idx[~is_image].reshape(-1), minlength=num_experts)
             self.last_stats = stats
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the experts' Linear layers return for ``x``: the autocast dtype when autocast is on."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, SparseMoeBlock]]:
