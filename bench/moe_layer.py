@@ -55,7 +55,7 @@ TARGETS = (
         "bound": "bound_speedup_vs_mixtral",
         "op": ">=",
         "threshold": 1.10,
-        "where": {"min_tokens": 512},
+        "where": {"min_tokens": 512, "activation": ("swiglu",)},  # Mixtral's experts are SwiGLU
         "text": "speed-up >= 1.10x over the fastest transformers Mixtral experts implementation, >= 512 tokens",
     },
     {
@@ -79,7 +79,7 @@ class LayerBenchConfig:
     ffn: int = 2048
     num_experts: int = 4
     top_k: int = 2
-    repeats: int = 5
+    repeats: int = 9
     warmup: int = 1
     mixtral: tuple[str, ...] = layers.MIXTRAL_IMPLEMENTATIONS
     einsum_capacity_factor: float = 1.5
@@ -538,6 +538,8 @@ class _Case:
 def _applies(target: dict, row: dict) -> bool:
     where = target["where"]
     if "mode" in where and row["mode"] not in where["mode"]:
+        return False
+    if "activation" in where and row["activation"] not in where["activation"]:
         return False
     if "min_tokens" in where and row["tokens"] < where["min_tokens"]:
         return False
