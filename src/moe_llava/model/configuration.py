@@ -24,6 +24,9 @@ class MoELlavaConfig(PreTrainedConfig):
         router_aux_loss_coef / router_z_loss_coef: weights of the summed MoE losses in the total loss.
         moe: ``None`` for a dense model; after upcycling, the layout needed to rebuild it:
             ``{"num_experts", "top_k", "layers": [indices], **SparseMoeBlock kwargs}``.
+        conversation_template / image_aspect / pad_color: how prompts and images must be prepared
+            for this model (the settings of the data it was last trained on; set at each stage's
+            export), so that evaluation, the MLflow model and ``moe-llava chat`` ask it the same way.
     """
 
     model_type = "moe_llava"
@@ -41,6 +44,9 @@ class MoELlavaConfig(PreTrainedConfig):
     router_z_loss_coef: float = 0.0
     moe: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
+    conversation_template: str = "phi"
+    image_aspect: str = "pad"
+    pad_color: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from moe_llava.data.config import tokenizer_from_config
+from moe_llava.data.config import stage_config, tokenizer_from_config
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.model.builder import build_image_processor
 from moe_llava.training.callbacks import AtomicCheckpointIO, RouterStatsLogger
@@ -99,6 +99,15 @@ def _load_model_and_processors(cfg: DictConfig, init_dir: Path | None):
     return model, tokenizer, image_processor, origin
 
 
+def record_prompt_format(model_config, data_cfg: DictConfig, stage: str) -> None:
+    """Store the stage's template and image preparation in the model config (inference reads them)."""
+    node = stage_config(data_cfg, stage)
+    model_config.conversation_template = str(node.get("template", "phi"))
+    model_config.image_aspect = str(node.get("image_aspect", "pad"))
+    pad_color = data_cfg.get("pad_color")
+    model_config.pad_color = None if pad_color is None else [int(c) for c in pad_color]
+
+
 def export_stage(model, tokenizer, image_processor, export_dir: Path) -> None:
     """save_pretrained everything the next stage needs, atomically (a half-written export never looks done)."""
     tmp = export_dir.with_name(export_dir.name + ".tmp")
@@ -159,6 +168,7 @@ def run_stage(
         run.log_metrics(counts)
         result = _fit(cfg, model, tokenizer, image_processor, paths, run, resume, callbacks or [])
         if rank_zero_only.rank == 0:
+            record_prompt_format(model.config, cfg.data, stage)
             export_stage(model, tokenizer, image_processor, paths["export"])
             result.update(counts, wall_time_s=time.perf_counter() - started, resumed=resume)
             (paths["stage_dir"] / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -1,0 +1,216 @@
+"""Answer questions about images with a trained model.
+
+One implementation, used by evaluation (POPE/VQA answer files), the MLflow pyfunc model and
+``moe-llava chat``: prompts are built by the same :class:`~moe_llava.data.dataset.LlavaDataset`
+(generation mode) and :class:`~moe_llava.data.collator.LlavaCollator` (left padding) as training,
+with the conversation template and image preparation stored in the model's config at export.
+Decoding is greedy and routing deterministic, so answers are reproducible.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from moe_llava.constants import IMAGE_TOKEN
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, with the tokenizer and image processor exported beside it."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+
+    @property
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """LlavaDataset settings that make prompts exactly as this model was trained to read them."""
+        config = self.model.config
+        return {
+            "template": config.conversation_template,
+            "image_processor": self.image_processor,
+            "num_image_tokens": self.model.num_image_tokens,
+            "image_aspect": config.image_aspect,
+            "pad_color": config.pad_color,
+            "max_length": None,
+            "generation": True,
+            "max_fallbacks": 0,  # evaluation must fail on a bad record, never answer another one
+        }
+
+
+def load_pretrained(
+    model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Load a stage export (``save_pretrained`` dir: safetensors weights, tokenizer, image processor)."""
+    from transformers import AutoImageProcessor
+
+    from moe_llava.data.tokenizer import load_tokenizer
+    from moe_llava.model import MoELlavaForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(
+            f"{model_dir} is not a model export (no config.json); expected a stage's export/ folder"
+        )
+    model = MoELlavaForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    model.to(device).eval()
+    tokenizer = load_tokenizer(model_dir)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    return LoadedModel(model, tokenizer, image_processor)
+
+
+@torch.no_grad()
+def generate_answers(
+    loaded: LoadedModel,
+    dataset: Any,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    progress: bool | str = False,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, str]]:
+    """Greedy answers for every record of a generation-mode dataset: ``[{"question_id", "text"}]``.
+
+    Results keep the dataset's order and carry each record's id, so callers pair them with
+    questions by id. ``on_batch`` sees each collated batch before generation (e.g. to record routing).
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from moe_llava.data.collator import LlavaCollator
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    collator = LlavaCollator.from_tokenizer(
+        tokenizer, num_image_tokens=model.num_image_tokens, padding_side="left", return_ids=True
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    eos = tokenizer.eos_token_id
+    answers: list[dict[str, str]] = []
+    bar = tqdm(
+        total=len(dataset),
+        desc=progress if isinstance(progress, str) else "generating",
+        unit="q",
+        disable=not progress,
+    )
+    try:
+        for batch in loader:
+            if on_batch is not None:
+                on_batch(batch)
+            pixel_values = batch["pixel_values"]
+            new_tokens = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                pixel_values=None if pixel_values is None else pixel_values.to(device, dtype),
+                attention_mask=batch["attention_mask"].to(device),
+                image_mask=batch["image_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=collator.pad_token_id,
+            )
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            answers.extend(
+                {"question_id": str(qid), "text": text.strip()} for qid, text in zip(batch["ids"], texts)
+            )
+            bar.update(len(texts))
+    finally:
+        bar.close()
+    return answers
+
+
+def question_record(question_id: str, image: str | None, prompt: str) -> dict[str, Any]:
+    """A LLaVA-format generation record: one human turn, the image (if any) first."""
+    value = f"{IMAGE_TOKEN}\n{prompt}" if image is not None and IMAGE_TOKEN not in prompt else prompt
+    record: dict[str, Any] = {"id": question_id, "conversations": [{"from": "human", "value": value}]}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+class Answerer:
+    """Answer free-form questions about images: what the MLflow model and ``moe-llava chat`` call.
+
+    Images may be file paths, PIL images, raw bytes or base64 strings; they are written to a
+    private temporary folder so that they go through exactly the dataset's image checks and transforms.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 8
+    ):
+        self.loaded = loaded
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> Answerer:
+        load_kwargs = {k: kwargs.pop(k) for k in ("device", "dtype") if k in kwargs}
+        return cls(load_pretrained(model_dir, **load_kwargs), **kwargs)
+
+    def answer(self, questions: Sequence[tuple[Any, str]]) -> list[str]:
+        """Answers to ``[(image or None, prompt), ...]``, in order."""
+        from moe_llava.data.dataset import LlavaDataset
+
+        if not questions:
+            return []
+        with tempfile.TemporaryDirectory(prefix="moe-llava-images-") as folder:
+            records = [
+                question_record(
+                    str(i), None if image is None else _store_image(image, Path(folder), i), prompt
+                )
+                for i, (image, prompt) in enumerate(questions)
+            ]
+            dataset = LlavaDataset(
+                records, self.loaded.tokenizer, image_folder=folder, **self.loaded.dataset_kwargs
+            )
+            answers = generate_answers(
+                self.loaded, dataset, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens
+            )
+        by_id = {a["question_id"]: a["text"] for a in answers}
+        return [by_id[str(i)] for i in range(len(questions))]
+
+
+def _store_image(image: Any, folder: Path, index: int) -> str:
+    """Write one image (path, PIL image, bytes, base64 text) into ``folder``; returns its relative name."""
+    name = f"{index:06d}.png"
+    if isinstance(image, Image.Image):
+        image.convert("RGB").save(folder / name)
+        return name
+    if isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    elif isinstance(image, (str, Path)) and Path(image).is_file():
+        data = Path(image).read_bytes()
+    elif isinstance(image, str):
+        try:
+            data = base64.b64decode(_strip_data_url(image), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(
+                f"image #{index}: {image[:60]!r} is neither an existing file nor base64-encoded image data"
+            ) from None
+    else:
+        raise ValueError(
+            f"image #{index}: unsupported type {type(image).__name__} (path, PIL image, bytes or base64)"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.convert("RGB").save(folder / name)
+    except OSError as err:
+        raise ValueError(f"image #{index}: not a readable image ({err})") from None
+    return name
+
+
+def _strip_data_url(text: str) -> str:
+    """``data:image/png;base64,AAAA`` -> ``AAAA`` (browsers and many clients send data URLs)."""
+    return text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
