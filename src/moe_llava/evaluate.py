@@ -1,0 +1,41 @@
+"""Evaluate a stage's export:  python -m moe_llava.evaluate experiment=tiny_cpu stage=stage3 [overrides...]
+
+POPE (random/popular/adversarial) and short-answer VQA from ``data.eval``, expert load by modality
+for MoE models; settings in ``conf/evaluation/``; outputs in ``<run_dir>/<stage>/eval/`` and an
+``eval-<stage>`` MLflow run. The same command serves ``moe-llava eval run ...``, DVC and Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from moe_llava.paths import CONF_DIR
+
+SUMMARY_KEYS = ("pope/mean_f1", "eval/num_questions", "eval/num_missing", "eval/wall_time_s")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from moe_llava.data.errors import DataError
+    from moe_llava.evaluation.runner import run_evaluation
+    from moe_llava.training.validation import ConfigError
+
+    try:
+        metrics = run_evaluation(cfg)
+    except ConfigError as err:  # one readable line, before any work started
+        print(f"moe-llava eval: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as err:  # a bad question file or image: file, line and field, no traceback
+        print(f"moe-llava eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    shown = {k: v for k, v in metrics.items() if k in SUMMARY_KEYS or k.endswith(("/f1", "/accuracy"))}
+    shown = {k: v for k, v in shown.items() if k.count("/") <= 2}  # not the per-category accuracies
+    print(json.dumps(shown, indent=2))
+
+
+if __name__ == "__main__":
+    main()

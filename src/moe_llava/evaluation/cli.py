@@ -1,0 +1,74 @@
+"""`moe-llava eval ...`: run the evaluation (Hydra) or score existing answer files.
+
+    moe-llava eval run experiment=tiny_cpu stage=stage3 [hydra overrides]
+    moe-llava eval pope-score --questions pope_random.jsonl --answers answers.jsonl
+    moe-llava eval vqa-score  --questions vqa_test.jsonl    --answers answers.jsonl
+
+The scorers print their metrics as JSON on stdout; questions without an answer and answers to
+unknown question ids are counted and listed in that JSON and summarised on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a stage (POPE, VQA, expert load) or score answer files"
+    )
+    commands = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="evaluate a stage's export: moe-llava eval run experiment=tiny_cpu stage=stage3 [overrides]",
+        add_help=False,  # --help and all arguments go to Hydra
+    )
+    run.add_argument("overrides", nargs=argparse.REMAINDER)
+    run.set_defaults(func=_run)
+
+    for name, kind in (("pope-score", "pope"), ("vqa-score", "vqa")):
+        score = commands.add_parser(
+            name,
+            help=f"score a {kind.upper()} answers file (JSONL: question_id, text) against its question file",
+        )
+        score.add_argument("--questions", required=True, help="question file (JSONL/JSON with question_id)")
+        score.add_argument("--answers", required=True, help="answers file (JSONL with question_id and text)")
+        score.set_defaults(func=_score, kind=kind)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moe_llava import evaluate
+
+    sys.argv = [sys.argv[0], *args.overrides]  # Hydra parses sys.argv
+    evaluate.main()
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from moe_llava.evaluation.files import answers_by_id, read_answers, read_questions
+    from moe_llava.evaluation.pope import score_pope
+    from moe_llava.evaluation.vqa import score_vqa
+
+    questions = read_questions(args.questions, kind=args.kind)
+    answers = answers_by_id(read_answers(args.answers))
+    result = (score_pope if args.kind == "pope" else score_vqa)(questions, answers)
+    result = {"questions": args.questions, "answers": args.answers, **result}
+    print(json.dumps(result, indent=2))
+    if result["num_missing"]:
+        ids = ", ".join(result["missing_ids"][:10]) + (" ..." if result["num_missing"] > 10 else "")
+        print(
+            f"warning: {result['num_missing']} question(s) in {args.questions} have no answer in "
+            f"{args.answers} and are not scored: {ids}",
+            file=sys.stderr,
+        )
+    if result["num_unknown"]:
+        ids = ", ".join(result["unknown_ids"][:10]) + (" ..." if result["num_unknown"] > 10 else "")
+        print(
+            f"warning: {result['num_unknown']} answer(s) in {args.answers} are for question ids not in "
+            f"{args.questions}: {ids}",
+            file=sys.stderr,
+        )
+    return 0
