@@ -17,6 +17,8 @@ COMMAND_GROUPS: dict[str, str] = {
     "train": "moe_llava.training.cli",
     "data": "moe_llava.data.cli",
     "demo": "moe_llava.demo",
+    "registry": "moe_llava.registry.cli",
+    "chat": "moe_llava.chat",
     "eval": "moe_llava.evaluation.cli",
 }
 

@@ -1,0 +1,349 @@
+"""The registered model, its aliases and their history: register (with the gate), promote, rollback.
+
+Aliases:
+
+- ``challenger``: the most recently registered version that did not become champion;
+- ``champion``: the version that is served (``models:/moe-llava@champion``).
+
+Rules the code keeps (and the tests assert):
+
+- the champion alias is only ever *moved* (MLflow's set-alias is a single update), never
+  deleted, so a registry that has a champion never goes without one;
+- every alias move is recorded on the versions involved, in the version tag ``alias_history``
+  (JSON list of ``{time, alias, action, reason, ...}``), with ``promotion_reason`` / ``promoted_at``
+  on the new champion;
+- the sequence of champions is kept explicitly in the registered model's tag
+  ``champion_history`` (JSON list of versions, oldest first): a rollback pops the current
+  champion and restores the one before it, so repeated rollbacks go further back; with nothing
+  before it, rollback refuses and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from moe_llava.registry.gate import GateDecision, GateSettings, decide, numeric_metrics
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "champion_history"  # registered model tag
+ALIAS_HISTORY_TAG = "alias_history"  # model version tag
+METRICS_TAG = "metrics"  # model version tag: the whole metrics dict as JSON
+METRIC_TAG_PREFIX = "metric."  # one version tag per numeric metric, e.g. metric.pope/mean_f1
+
+
+@dataclass
+class RegistrationResult:
+    model_name: str
+    version: str
+    model_uri: str
+    decision: GateDecision
+    aliases: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "version": self.version,
+            "model_uri": self.model_uri,
+            "aliases": self.aliases,
+            "champion": CHAMPION in self.aliases,
+            "decision": self.decision.as_dict(),
+        }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ModelRegistry:
+    """One registered model in an MLflow registry (``tracking_uri`` also serves as registry URI)."""
+
+    def __init__(self, model_name: str, gate: GateSettings | None = None, *, tracking_uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.model_name = model_name
+        self.gate = gate or GateSettings()
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self._registered_model(required=False) is not None
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> version."""
+        model = self._registered_model(required=False)
+        return {} if model is None else {a: str(v) for a, v in (model.aliases or {}).items()}
+
+    def champion(self) -> str | None:
+        return self.aliases().get(CHAMPION)
+
+    def challenger(self) -> str | None:
+        return self.aliases().get(CHALLENGER)
+
+    def version_metrics(self, version: str) -> dict[str, Any]:
+        tags = self._version(version).tags
+        if METRICS_TAG in tags:
+            try:
+                return dict(json.loads(tags[METRICS_TAG]))
+            except (ValueError, TypeError):
+                pass
+        return {k[len(METRIC_TAG_PREFIX) :]: v for k, v in tags.items() if k.startswith(METRIC_TAG_PREFIX)}
+
+    def alias_history(self, version: str) -> list[dict[str, Any]]:
+        return _json_list(self._version(version).tags.get(ALIAS_HISTORY_TAG))
+
+    def champion_history(self) -> list[str]:
+        """Versions that were champion, oldest first; the last one is the current champion."""
+        model = self._registered_model(required=False)
+        if model is None:
+            return []
+        history = [str(v) for v in _json_list((model.tags or {}).get(HISTORY_TAG))]
+        champion = (model.aliases or {}).get(CHAMPION)
+        if champion is not None and (not history or history[-1] != str(champion)):
+            history.append(str(champion))  # the alias was moved outside this tool: adopt it
+        return history
+
+    def describe(self) -> dict[str, Any]:
+        """Versions (newest first) with aliases, gate metric value and decision, plus the champion history."""
+        if not self.exists():
+            return {"model_name": self.model_name, "exists": False, "versions": []}
+        aliases = self.aliases()
+        by_version: dict[str, list[str]] = {}
+        for alias, version in aliases.items():
+            by_version.setdefault(version, []).append(alias)
+        versions = self.client.search_model_versions(f"name = '{_quote(self.model_name)}'")
+        rows = []
+        for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            metrics = self.version_metrics(mv.version)
+            rows.append(
+                {
+                    "version": str(mv.version),
+                    "aliases": sorted(by_version.get(str(mv.version), [])),
+                    "gate_metric": self.gate.metric,
+                    "gate_value": metrics.get(self.gate.metric),
+                    "gate_decision": mv.tags.get("gate.decision"),
+                    "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(
+                        timespec="seconds"
+                    ),
+                    "run_id": mv.run_id,
+                    "git_commit": mv.tags.get("git_commit"),
+                    "promotion_reason": mv.tags.get("promotion_reason"),
+                }
+            )
+        return {
+            "model_name": self.model_name,
+            "exists": True,
+            "aliases": aliases,
+            "champion_history": self.champion_history(),
+            "gate": {
+                "metric": self.gate.metric,
+                "direction": self.gate.direction,
+                "min_margin": self.gate.min_margin,
+            },
+            "versions": rows,
+        }
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def register(
+        self,
+        model_uri: str,
+        metrics: Mapping[str, Any],
+        *,
+        run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        apply_gate: bool = True,
+    ) -> RegistrationResult:
+        """Create a version from ``model_uri`` tagged with ``metrics`` and ``tags``; it becomes challenger,
+        then champion if the gate passes (or if there is no champion yet)."""
+        version_tags = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
+        version_tags[METRICS_TAG] = json.dumps(dict(metrics), sort_keys=True, default=str)
+        version_tags.update({f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in numeric_metrics(metrics).items()})
+        version_tags.update(
+            {
+                "gate.metric": self.gate.metric,
+                "gate.direction": self.gate.direction,
+                "gate.min_margin": repr(self.gate.min_margin),
+            }
+        )
+        self._ensure_registered_model()
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        mv = self.client.create_model_version(
+            self.model_name, source=model_uri, run_id=run_id, tags=version_tags, model_id=model_id
+        )
+        version = str(mv.version)
+        champion = self.champion()
+        decision = decide(
+            self.gate,
+            metrics,
+            champion,
+            self.version_metrics(champion) if champion is not None else None,
+        )
+        if not apply_gate:
+            decision = GateDecision(
+                False,
+                "gate not applied (--no-gate): stays challenger",
+                decision.metric,
+                decision.direction,
+                decision.min_margin,
+                decision.value,
+                decision.champion_version,
+                decision.champion_value,
+            )
+        self._set_tag(version, "gate.decision", "champion" if decision.promote else "challenger")
+        self._set_tag(version, "gate.reason", decision.reason)
+        self._move_alias(CHALLENGER, version, f"registered: {decision.reason}", by="register")
+        if decision.promote:
+            self._make_champion(version, f"gate: {decision.reason}", by="gate")
+        return RegistrationResult(
+            self.model_name,
+            version,
+            f"models:/{self.model_name}/{version}",
+            decision,
+            self._aliases_of(version),
+        )
+
+    def promote(self, version: str | int, reason: str | None = None) -> dict[str, Any]:
+        """Make ``version`` champion by hand (whatever the gate says)."""
+        version = str(version)
+        self._version(version)  # exists?
+        previous = self.champion()
+        if previous == version:
+            return {"changed": False, "champion": version, "message": f"v{version} is already the champion"}
+        self._make_champion(version, reason or "promoted by hand", by="promote")
+        return {"changed": True, "champion": version, "previous_champion": previous, "reason": reason}
+
+    def rollback(self, reason: str | None = None) -> dict[str, Any]:
+        """Give ``champion`` back to the previous champion; repeated rollbacks go further back."""
+        self._registered_model(required=True)
+        history = self.champion_history()
+        if not history:
+            raise ValueError(f"nothing to roll back: registered model {self.model_name!r} has no champion")
+        current = history.pop()
+        while history and not self._version_exists(history[-1]):
+            history.pop()  # a deleted version cannot come back
+        if not history:
+            raise ValueError(
+                f"nothing to roll back to: v{current} is the first champion of {self.model_name!r} "
+                f"(no earlier champion left in the history)"
+            )
+        target = history[-1]
+        reason = reason or "rollback"
+        stamp = now()
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, target)
+        self._record(target, CHAMPION, "set", f"rollback: {reason}", stamp, by="rollback", previous=current)
+        self._record(
+            current, CHAMPION, "removed", f"rollback: {reason}", stamp, by="rollback", replaced_by=target
+        )
+        self._set_tag(target, "promotion_reason", f"rollback from v{current}: {reason}")
+        self._set_tag(target, "promoted_at", stamp)
+        self._set_tag(current, "rolled_back_at", stamp)
+        self._save_history(history)
+        return {"changed": True, "champion": target, "previous_champion": current, "reason": reason}
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _make_champion(self, version: str, reason: str, *, by: str) -> None:
+        previous = self.champion()
+        history = self.champion_history()
+        stamp = now()
+        # Move first: the alias goes from the old champion to the new one in one update.
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
+        self._record(version, CHAMPION, "set", reason, stamp, by=by, previous=previous)
+        if previous is not None:
+            self._record(previous, CHAMPION, "removed", reason, stamp, by=by, replaced_by=version)
+        self._set_tag(version, "promotion_reason", reason)
+        self._set_tag(version, "promoted_at", stamp)
+        self._save_history([*history, version])
+        if self.challenger() == version:  # a champion is no longer a challenger
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+            self._record(version, CHALLENGER, "removed", f"became champion ({by})", stamp, by=by)
+
+    def _move_alias(self, alias: str, version: str, reason: str, *, by: str) -> None:
+        previous = self.aliases().get(alias)
+        stamp = now()
+        self.client.set_registered_model_alias(self.model_name, alias, version)
+        self._record(version, alias, "set", reason, stamp, by=by, previous=previous)
+        if previous is not None and previous != version:
+            self._record(previous, alias, "removed", reason, stamp, by=by, replaced_by=version)
+
+    def _record(self, version: str, alias: str, action: str, reason: str, stamp: str, **extra: Any) -> None:
+        event = {"time": stamp, "alias": alias, "action": action, "reason": reason}
+        event.update({k: v for k, v in extra.items() if v is not None})
+        events = [*self.alias_history(version), event]
+        self._set_tag(version, ALIAS_HISTORY_TAG, json.dumps(events))
+
+    def _save_history(self, history: list[str]) -> None:
+        self.client.set_registered_model_tag(
+            self.model_name, HISTORY_TAG, json.dumps([str(v) for v in history])
+        )
+
+    def _set_tag(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.model_name, version, key, value)
+
+    def _aliases_of(self, version: str) -> list[str]:
+        return sorted(a for a, v in self.aliases().items() if v == version)
+
+    def _ensure_registered_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        if self._registered_model(required=False) is not None:
+            return
+        try:
+            self.client.create_registered_model(
+                self.model_name, description="MoE-LLaVA (moe-tuning): one version per pipeline run"
+            )
+        except MlflowException as err:  # created concurrently
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    def _registered_model(self, *, required: bool = True):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(self.model_name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            if required:
+                raise ValueError(
+                    f"no registered model {self.model_name!r} in this registry (register a model first)"
+                ) from None
+            return None
+
+    def _version(self, version: str | int):
+        from mlflow.exceptions import MlflowException
+
+        self._registered_model(required=True)
+        try:
+            return self.client.get_model_version(self.model_name, str(version))
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise ValueError(f"registered model {self.model_name!r} has no version {version!r}") from None
+
+    def _version_exists(self, version: str) -> bool:
+        try:
+            self._version(version)
+        except ValueError:
+            return False
+        return True
+
+
+def _json_list(text: str | None) -> list[Any]:
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")

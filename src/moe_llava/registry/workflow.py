@@ -1,0 +1,129 @@
+"""Register a pipeline's model: log the pyfunc model in an MLflow run, create the version, apply the gate.
+
+The single implementation behind ``moe-llava registry register`` and the pipeline's registry step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from moe_llava.registry.gate import load_metrics, numeric_metrics
+from moe_llava.registry.model import log_pyfunc_model, resolve_export_dir
+from moe_llava.registry.registry import ModelRegistry, RegistrationResult
+from moe_llava.registry.settings import RegistrySettings
+
+MAX_CONFIG_TAG = 50_000  # characters of config kept in the version tag (the full text is a run artifact)
+
+
+def register_export(
+    model_dir: str | Path,
+    metrics: Mapping[str, Any] | str | Path,
+    *,
+    settings: RegistrySettings | None = None,
+    config: Mapping[str, Any] | str | Path | None = None,
+    run_id: str | None = None,
+    apply_gate: bool = True,
+) -> RegistrationResult:
+    """Log ``model_dir`` (a stage export) as the pyfunc model and register it as a new version.
+
+    ``metrics``: the evaluation's metrics (dict or ``metrics.json`` path, flat keys such as
+    ``pope/mean_f1``). ``config``: the pipeline's config (mapping, YAML file or YAML text); when
+    omitted and ``run_id`` is a stage run, the run's ``config.yaml`` artifact is used.
+    ``run_id``: log into this run (e.g. stage 3's); otherwise the active run, otherwise a new run
+    named ``register`` in ``settings.experiment_name`` (nested under ``$MOE_LLAVA_PARENT_RUN_ID``).
+    """
+    import mlflow
+
+    from moe_llava.training.tracking import (
+        PARENT_RUN_ENV,
+        data_hash,
+        ensure_experiment,
+        git_commit,
+    )
+
+    settings = settings or RegistrySettings()
+    export_dir = resolve_export_dir(model_dir)
+    metrics = load_metrics(metrics)
+    uri = settings.resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+
+    active = mlflow.active_run()
+    if active is not None and run_id in (None, active.info.run_id):
+        run_context: Any = contextlib.nullcontext(active)
+    elif run_id is not None:
+        if active is not None:
+            raise ValueError(f"run {active.info.run_id} is active; cannot log into run {run_id} as well")
+        run_context = mlflow.start_run(run_id=run_id)
+    else:
+        experiment_id = ensure_experiment(settings.experiment_name, settings.logger)
+        parent = os.environ.get(PARENT_RUN_ENV) or None
+        run_context = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name="register",
+            **({"parent_run_id": parent} if parent else {}),
+        )
+
+    with run_context as run:
+        run_id = run.info.run_id
+        run_tags = mlflow.get_run(run_id).data.tags
+        config_text = _config_text(config, run_id)
+        scalars = numeric_metrics(metrics)
+        if scalars:
+            mlflow.log_metrics(scalars)
+        mlflow.log_dict(dict(metrics), "registry/metrics.json")
+        if config_text:
+            mlflow.log_text(config_text, "registry/config.yaml")
+        model_info = log_pyfunc_model(export_dir, pyfunc_config=settings.pyfunc)
+        if len(config_text or "") > MAX_CONFIG_TAG:
+            config_text = (
+                config_text[:MAX_CONFIG_TAG] + "\n# ... truncated: see the run artifact registry/config.yaml"
+            )
+        tags = {
+            "git_commit": run_tags.get("git_commit") or git_commit(),
+            "data_hash": run_tags.get("data_hash") or data_hash(),
+            "config": config_text,
+            "source_run_id": run_id,
+            "source_export": str(export_dir.resolve()),
+            "logged_model_uri": model_info.model_uri,
+        }
+        registry = ModelRegistry(settings.model_name, settings.gate, tracking_uri=uri)
+        result = registry.register(
+            model_info.model_uri, metrics, run_id=run_id, tags=tags, apply_gate=apply_gate
+        )
+        mlflow.set_tags(
+            {
+                "registered_model": settings.model_name,
+                "registered_version": result.version,
+                "gate_decision": "champion" if result.decision.promote else "challenger",
+            }
+        )
+    return result
+
+
+def _config_text(config: Mapping[str, Any] | str | Path | None, run_id: str) -> str | None:
+    import yaml
+
+    if config is None:
+        import mlflow
+
+        try:  # a stage run logged its resolved config as config.yaml
+            return mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+        except Exception:
+            return None
+    if isinstance(config, Mapping) or hasattr(config, "items"):
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(config):
+            return OmegaConf.to_yaml(config)
+        return yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False)
+    path = Path(config)
+    if isinstance(config, Path) or (len(str(config)) < 4096 and "\n" not in str(config)):
+        if not path.is_file():
+            raise ValueError(f"config: {path} does not exist")
+        return path.read_text()
+    return str(config)

@@ -1,0 +1,90 @@
+"""The logged pyfunc model: from code, no pickles, signature + example, answers equal to the direct model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from moe_llava.registry.io import decode_image
+from moe_llava.registry.model import export_in_logged_model, resolve_export_dir
+from tests.registry.conftest import MAX_NEW_TOKENS, image_base64
+
+
+@pytest.fixture(scope="module")
+def downloaded_model(logged_model, tracking_uri, tmp_path_factory) -> Path:
+    mlflow.set_tracking_uri(tracking_uri)
+    dst = tmp_path_factory.mktemp("downloaded")
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=logged_model["model_uri"], dst_path=str(dst))
+    )
+
+
+def test_logged_model_is_code_plus_safetensors_without_pickles(downloaded_model):
+    files = [p.relative_to(downloaded_model).as_posix() for p in downloaded_model.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".bin", ".ckpt", ".joblib"))]
+    mlmodel = yaml.safe_load((downloaded_model / "MLmodel").read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert Path(pyfunc["model_code_path"]).name == "pyfunc_model.py"
+    assert "python_model" not in pyfunc  # no cloudpickled PythonModel
+    assert pyfunc["config"]["max_new_tokens"] == MAX_NEW_TOKENS
+    export = export_in_logged_model(downloaded_model)
+    assert export.relative_to(downloaded_model).as_posix() == "artifacts/export"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json"} <= {
+        p.name for p in export.iterdir()
+    }
+    assert resolve_export_dir(downloaded_model) == export
+    assert (downloaded_model / "pyfunc_model.py").is_file()  # the model code, copied verbatim
+    assert (downloaded_model / "code" / "moe_llava" / "inference.py").is_file()
+
+    signature = mlmodel["signature"]
+    assert [c["name"] for c in json.loads(signature["inputs"])] == ["image", "prompt"]
+    assert [c["name"] for c in json.loads(signature["outputs"])] == ["answer"]
+    assert json.loads(signature["params"])[0]["name"] == "max_new_tokens"
+    example = json.loads((downloaded_model / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["image", "prompt"]
+    requirements = (downloaded_model / "requirements.txt").read_text()
+    assert "torch==" in requirements and "transformers==" in requirements
+
+
+def test_pyfunc_answers_equal_the_direct_model(logged_model, tracking_uri, answerer, images):
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(logged_model["model_uri"])
+    prompts = ["What shape is in the image?", "What color is the shape?", "Describe the image.", "Hello?"]
+    direct = answerer.answer(
+        [(images[0], prompts[0]), (images[1], prompts[1]), (images[2], prompts[2]), (None, prompts[3])]
+    )
+    assert len(set(direct[:3])) > 1, "the test model should answer differently per image"
+    frame = pd.DataFrame(
+        {
+            "image": [
+                image_base64(images[0]),  # base64
+                "data:image/png;base64," + image_base64(images[1]),  # data URL
+                str(images[2]),  # a file path
+                None,  # text-only
+            ],
+            "prompt": prompts,
+        }
+    )
+    out = model.predict(frame)
+    assert list(out.columns) == ["answer"]
+    assert out["answer"].tolist() == direct
+    # Request parameter: fewer new tokens -> a prefix-length answer from the same greedy decoding.
+    short = model.predict(frame.iloc[:1], params={"max_new_tokens": 1})["answer"].tolist()
+    assert len(short[0]) <= len(direct[0])
+    # Records (what dataframe_records becomes) work as well.
+    assert model.predict([{"image": image_base64(images[0]), "prompt": prompts[0]}])["answer"][0] == direct[0]
+
+
+def test_bad_images_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="row 3: image 'not an image!'"):
+        decode_image("not an image!", 3)
+    assert decode_image(None) is None and decode_image(float("nan")) is None and decode_image("  ") is None
+    assert decode_image("aGVsbG8=") == b"hello"
+    long_text = "QUFB" * 5000  # longer than a file name may be: never treated as a path
+    assert decode_image(long_text) == b"AAA" * 5000
