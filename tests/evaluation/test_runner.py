@@ -1,0 +1,191 @@
+"""The evaluation command end to end on tiny exports: outputs, metrics.json, the MLflow run, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+
+from moe_llava.cli import main
+from moe_llava.evaluation import EvalFileError
+from moe_llava.evaluation.runner import run_evaluation
+from moe_llava.training.validation import ConfigError
+from tests.evaluation.conftest import shrunk_overrides, write_jsonl
+
+POPE = ("random", "popular", "adversarial")
+LIMIT = 4
+
+
+@pytest.fixture
+def clean_hydra():
+    from hydra.core.global_hydra import GlobalHydra
+
+    yield
+    GlobalHydra.instance().clear()  # an in-process @hydra.main leaves Hydra initialised
+
+
+def training_runs(tmp_path, stage_dir):
+    """A pipeline run with a finished stage-3 training run nested under it, as the training leaves them."""
+    import mlflow
+
+    from moe_llava.training.tracking import ensure_experiment
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = ensure_experiment("tiny-cpu", {"artifact_location": str(tmp_path / "mlartifacts")})
+    with (
+        mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as parent,
+        mlflow.start_run(experiment_id=experiment_id, run_name="stage3", nested=True) as training,
+    ):
+        pass
+    (stage_dir / "mlflow_run_id").write_text(training.info.run_id)
+    return parent.info.run_id, training.info.run_id
+
+
+def test_eval_command_on_an_moe_export(moe_export, shapesworld, tmp_path, monkeypatch, clean_hydra):
+    from mlflow.tracking import MlflowClient
+
+    stage_dir = moe_export.parent
+    parent_id, training_id = training_runs(tmp_path, stage_dir)
+    overrides = [
+        *shrunk_overrides(shapesworld, tmp_path),
+        "stage=stage3",
+        f"evaluation.limit={LIMIT}",
+        "evaluation.batch_size=3",  # a short last batch, left padding
+        "evaluation.max_new_tokens=3",
+        "evaluation.progress=false",
+    ]
+    monkeypatch.setattr(sys, "argv", ["moe-llava"])
+    assert main(["eval", "run", *overrides]) == 0
+
+    out = stage_dir / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    required = {
+        *(f"pope/{s}/{m}" for s in POPE for m in ("accuracy", "precision", "recall", "f1", "yes_ratio")),
+        "pope/mean_f1",
+        "vqa/val/accuracy",
+        "vqa/test/accuracy",
+        "eval/wall_time_s",
+        "eval/num_missing",
+        "eval/num_questions",
+        *(
+            f"moe/layer{i}/{k}"
+            for i in (0, 2)
+            for k in ("expert0_load", "image_expert3_load", "text_expert1_load", "entropy")
+        ),
+    }
+    assert required <= set(metrics)
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["pope/mean_f1"] == pytest.approx(sum(metrics[f"pope/{s}/f1"] for s in POPE) / 3)
+    assert metrics["eval/num_questions"] == 5 * LIMIT and metrics["eval/num_missing"] == 0
+    assert any(k.startswith("vqa/test/") and k.count("/") == 3 for k in metrics)  # per category
+
+    for name in [*(f"pope_{s}" for s in POPE), "vqa_val", "vqa_test"]:
+        lines = [json.loads(line) for line in (out / "answers" / f"{name}.jsonl").read_text().splitlines()]
+        source = shapesworld / f"{name}.jsonl"
+        expected_ids = [json.loads(line)["question_id"] for line in source.read_text().splitlines()[:LIMIT]]
+        assert [a["question_id"] for a in lines] == expected_ids
+        assert all(isinstance(a["text"], str) for a in lines)
+
+    load = json.loads((out / "expert_load.json").read_text())
+    num_image_tokens = 16  # 32 px images, 8 px patches
+    for layer in load["layers"]:
+        assert layer["tokens"]["image"] == 5 * LIMIT * num_image_tokens
+        assert sum(layer["top1"]["image"]) == layer["tokens"]["image"]
+    assert (out / "expert_load.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the answers file scores the same through `moe-llava eval pope-score` (unanswered questions listed)
+    assert (
+        main(
+            [
+                "eval",
+                "pope-score",
+                "--questions",
+                str(shapesworld / "pope_random.jsonl"),
+                "--answers",
+                str(out / "answers" / "pope_random.jsonl"),
+            ]
+        )
+        == 0
+    )
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = (out / "mlflow_run_id").read_text()
+    run = client.get_run(run_id)
+    assert run.info.run_name == "eval-stage3" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent_id
+    assert run.data.tags["training_run_id"] == training_id
+    assert run.info.experiment_id == client.get_run(training_id).info.experiment_id
+    assert run.data.tags["model_dir"] == str(moe_export.resolve())
+    assert "git_commit" in run.data.tags and json.loads(run.data.tags["moe"])["num_experts"] == 4
+    assert run.data.metrics == pytest.approx(metrics)
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {"eval/metrics.json", "eval/expert_load.png", "eval/expert_load.json", "eval/answers"} <= artifacts
+    assert run.data.params["evaluation.limit"] == str(LIMIT)
+
+
+def test_dense_export_official_pope_format(compose_stage, dense_export, shapesworld, tmp_path, caplog):
+    """A dense model: no expert load (said so). POPE questions in the public format (integer ids, no
+    conversations) are prompted from `text` with the configured suffix."""
+    official = []
+    for line in (shapesworld / "pope_random.jsonl").read_text().splitlines()[:5]:
+        record = json.loads(line)
+        official.append(
+            {
+                "question_id": len(official) + 1,
+                "image": record["image"],
+                "text": record["text"],
+                "label": record["label"],
+            }
+        )
+    questions = write_jsonl(tmp_path / "coco_pope_random.json", official)
+    cfg = compose_stage(
+        "stage3",
+        f"evaluation.model_dir={dense_export}",
+        f"evaluation.output_dir={tmp_path}/dense_eval",
+        f"data.eval.pope.random={questions}",
+        "evaluation.benchmarks=[pope]",
+        "evaluation.pope_splits=[random]",
+        "evaluation.max_new_tokens=2",
+        "evaluation.mlflow=false",
+        "evaluation.progress=false",
+        "evaluation.prompt_suffix='Answer the question using a single word or phrase.'",
+    )
+    with caplog.at_level(logging.INFO, logger="moe_llava.evaluation.runner"):
+        metrics = run_evaluation(cfg)
+    assert "expert-load analysis skipped: dense model" in caplog.text
+    out = tmp_path / "dense_eval"
+    assert not (out / "expert_load.json").exists() and not (out / "mlflow_run_id").exists()
+    assert json.loads((out / "scores.json").read_text())["expert_load"] == "skipped: dense model"
+    assert not any(k.startswith("moe/") for k in metrics)
+    assert metrics["pope/random/num_questions"] == 5 and "pope/mean_f1" in metrics
+    answers = [json.loads(line) for line in (out / "answers" / "pope_random.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == ["1", "2", "3", "4", "5"]
+    assert answers[0]["prompt"].endswith("?\nAnswer the question using a single word or phrase.")
+
+
+def test_bad_inputs_fail_with_clear_errors(compose_stage, dense_export, shapesworld, tmp_path):
+    base = [f"evaluation.model_dir={dense_export}", "evaluation.mlflow=false", "evaluation.progress=false"]
+    with pytest.raises(ConfigError, match=r"evaluation\.pope_splits: 'nope' has no file in data\.eval\.pope"):
+        run_evaluation(compose_stage("stage3", *base, "evaluation.pope_splits=[nope]"))
+    with pytest.raises(ConfigError, match=r"evaluation\.benchmarks: must be a non-empty subset"):
+        run_evaluation(compose_stage("stage3", *base, "evaluation.benchmarks=[mmlu]"))
+    with pytest.raises(ConfigError, match=r"evaluation\.model_dir: .* is not a model export"):
+        run_evaluation(compose_stage("stage3", f"evaluation.model_dir={tmp_path}/nothing"))
+
+    records = [json.loads(line) for line in (shapesworld / "pope_random.jsonl").read_text().splitlines()[:3]]
+    records[2]["image"] = "test/missing.png"
+    bad = write_jsonl(tmp_path / "bad_pope.jsonl", records)
+    cfg = compose_stage(
+        "stage3",
+        *base,
+        f"data.eval.pope.random={bad}",
+        "evaluation.benchmarks=[pope]",
+        "evaluation.pope_splits=[random]",
+    )
+    with pytest.raises(
+        EvalFileError,
+        match=r"bad_pope\.jsonl: line 3: field 'image': question_id 'pope-random-00002': .*missing\.png",
+    ):
+        run_evaluation(cfg)
