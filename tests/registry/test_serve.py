@@ -1,0 +1,136 @@
+"""`mlflow models serve -m models:/NAME@champion --env-manager local` answers REST requests on loopback.
+
+The server runs as a subprocess in its own process group (MLflow starts uvicorn under it), with
+``MLFLOW_TRACKING_URI`` pointing at the temp SQLite store; start-up is polled on ``/ping`` with a
+bound, and the whole group is killed in the fixture's teardown whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from moe_llava.registry.gate import GateSettings
+from moe_llava.registry.registry import ModelRegistry
+from tests.registry.conftest import image_base64
+
+START_TIMEOUT_S = 240.0
+REQUEST_TIMEOUT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def served_champion(tracking_uri, logged_model, model_name, tmp_path):
+    registry = ModelRegistry(model_name, GateSettings(), tracking_uri=tracking_uri)
+    registry.register(logged_model["model_uri"], {"pope/mean_f1": 0.5}, run_id=logged_model["run_id"])
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent  # `mlflow` and the `uvicorn` it execs live in the venv
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+    command = [
+        str(bin_dir / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{model_name}@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    log_path = tmp_path / "server.log"
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() - started > START_TIMEOUT_S:
+                pytest.fail(f"server not up after {START_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        startup_s = time.monotonic() - started
+        print(f"mlflow models serve: up after {startup_s:.1f} s")
+        yield {"url": base, "startup_s": startup_s}
+    finally:
+        _kill_group(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_rest_invocations_answer_like_the_direct_model(served_champion, answerer, images):
+    url = served_champion["url"] + "/invocations"
+    questions = ["What shape is in the image?", "What color is the shape?"]
+    direct = answerer.answer([(images[0], questions[0]), (images[1], questions[1])])
+
+    split = _post(
+        url,
+        {
+            "dataframe_split": {
+                "columns": ["image", "prompt"],
+                "data": [[image_base64(images[0]), questions[0]], [image_base64(images[1]), questions[1]]],
+            }
+        },
+    )
+    assert split == {"predictions": [{"answer": direct[0]}, {"answer": direct[1]}]}
+
+    records = _post(
+        url,
+        {
+            "dataframe_records": [
+                {"image": "data:image/png;base64," + image_base64(images[0]), "prompt": questions[0]}
+            ],
+            "params": {"max_new_tokens": 1},
+        },
+    )
+    assert len(records["predictions"]) == 1 and len(records["predictions"][0]["answer"]) <= len(direct[0])
