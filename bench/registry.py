@@ -2,9 +2,8 @@
 break the others and ``--help`` stays fast).
 
 A suite module provides ``NAME``, ``config_from_options(quick=False, **overrides)``,
-``run(config, log=print) -> dict`` and ``format_table(result) -> str``. Training and inference
-suites (tokens/s and step time of the whole model against the dense model) are added here when
-the training code exists.
+``run(config, log=print) -> dict`` and ``format_table(result) -> str``; ``python -m bench`` runs
+them in this order.
 """
 
 from __future__ import annotations
@@ -14,6 +13,10 @@ from types import ModuleType
 
 SUITES: dict[str, str] = {
     "moe_layer": "bench.moe_layer",
+    "training": "bench.training",
+    "generation": "bench.generation",
+    "data": "bench.data_pipeline",
+    "e2e": "bench.e2e",
 }
 
 
