@@ -1,4 +1,4 @@
-"""`python -m bench --quick` keeps working: structure of the JSON and the correctness checks, never timings."""
+"""`python -m bench moe_layer --quick` keeps working: structure of the JSON and the correctness checks, never timings."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from bench import cli
 
 # --quick at a small width so that the whole suite, every variant included, runs in seconds.
 ARGS = [
+    "moe_layer",
     "--quick",
     "--d-model",
     "64",
