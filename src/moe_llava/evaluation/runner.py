@@ -204,14 +204,21 @@ def _clear_previous_outputs(out_dir: Path) -> None:
             file.unlink()
 
 
-def evaluate_benchmark(loaded, bench: Benchmark, ev: Mapping, image_folder, out_dir: Path) -> dict[str, Any]:
-    """Generate answers for one question file, write them, and score them (paired by id)."""
-    from moe_llava.inference import generate_answers
-
+def load_benchmark_questions(bench: Benchmark, ev: Mapping, image_folder) -> list[Question]:
+    """Read and check one question file (structure, labels/references, image files exist)."""
     questions = read_questions(
         bench.path, kind=bench.kind, prompt_suffix=ev.get("prompt_suffix"), limit=ev.get("limit")
     )
     check_questions(questions, bench.path, image_folder)
+    return questions
+
+
+def evaluate_benchmark(
+    loaded, bench: Benchmark, questions: Sequence[Question], ev: Mapping, image_folder, out_dir: Path
+) -> dict[str, Any]:
+    """Generate answers for one question file, write them, and score them (paired by id)."""
+    from moe_llava.inference import generate_answers
+
     dataset = build_dataset(
         loaded, questions, bench.path, image_folder=image_folder, template=ev.get("template")
     )
@@ -269,6 +276,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         )
     plan = plan_benchmarks(cfg)
     started = time.perf_counter()
+    image_folder = cfg.data.get("image_folder")
+    # every question file is read and checked before the model loads: a bad line fails in seconds
+    questions = {bench.key: load_benchmark_questions(bench, ev, image_folder) for bench in plan}
     dtype = DTYPES[str(ev.get("dtype", "float32"))]
     loaded = load_pretrained(model_dir, device=resolve_device(str(ev.get("device", "auto"))), dtype=dtype)
     model = loaded.model
@@ -294,8 +304,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
                 "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
             },
         )
-        (out_dir / RUN_ID_FILE).write_text(run.run_id)
     try:
+        if run is not None:
+            (out_dir / RUN_ID_FILE).write_text(run.run_id)
         record_load = bool(ev.get("expert_load", True)) and model.is_moe
         recorder = ExpertLoadRecorder(model.language_model) if record_load else nullcontext()
         scores: dict[str, Any] = {}
@@ -303,7 +314,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         generation_s = 0.0
         with recorder:
             for bench in plan:
-                score = evaluate_benchmark(loaded, bench, ev, cfg.data.get("image_folder"), out_dir)
+                score = evaluate_benchmark(loaded, bench, questions[bench.key], ev, image_folder, out_dir)
                 scores[bench.key] = score
                 metrics.update(benchmark_metrics(bench, score))
                 generation_s += score["generation_s"]
