@@ -67,13 +67,24 @@ def test_gate_min_margin_direction_and_metric_are_configurable(make_registry, lo
 def test_version_tags_metrics_commit_config_and_alias_history(make_registry, logged_model):
     registry = make_registry()
     watch = ChampionWatch(registry)
-    first = _register(watch, logged_model, 0.70, **{"pope/random/f1": 0.71, "eval/wall_time_s": 3.5})
+    first = _register(
+        watch,
+        logged_model,
+        0.70,
+        **{"pope/random/f1": 0.71, "eval/wall_time_s": 3.5, "moe/layer0/expert1_load": 0.25},
+    )
     second = _register(watch, logged_model, 0.80)
 
     mv = registry.client.get_model_version(registry.model_name, first.version)
     tags = mv.tags
-    assert json.loads(tags["metrics"]) == {F1: 0.70, "pope/random/f1": 0.71, "eval/wall_time_s": 3.5}
+    assert json.loads(tags["metrics"]) == {
+        F1: 0.70,
+        "pope/random/f1": 0.71,
+        "eval/wall_time_s": 3.5,
+        "moe/layer0/expert1_load": 0.25,
+    }
     assert float(tags["metric.pope/mean_f1"]) == 0.70 and float(tags["metric.eval/wall_time_s"]) == 3.5
+    assert "metric.moe/layer0/expert1_load" not in tags  # routing detail: in the JSON tag only
     assert tags["git_commit"] == "abc123" and tags["data_hash"] == "d41d8"
     assert tags["config"].startswith("stage:")
     assert tags["gate.metric"] == F1 and tags["gate.decision"] == "champion"

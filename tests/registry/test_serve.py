@@ -134,3 +134,7 @@ def test_rest_invocations_answer_like_the_direct_model(served_champion, answerer
         },
     )
     assert len(records["predictions"]) == 1 and len(records["predictions"][0]["answer"]) <= len(direct[0])
+
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        _post(url, {"dataframe_records": [{"image": "not an image!", "prompt": questions[0]}]})
+    assert bad.value.code == 400

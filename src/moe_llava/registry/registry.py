@@ -34,6 +34,9 @@ HISTORY_TAG = "champion_history"  # registered model tag
 ALIAS_HISTORY_TAG = "alias_history"  # model version tag
 METRICS_TAG = "metrics"  # model version tag: the whole metrics dict as JSON
 METRIC_TAG_PREFIX = "metric."  # one version tag per numeric metric, e.g. metric.pope/mean_f1
+# Per-layer routing detail (moe/layer<i>/...: hundreds of keys) stays in the `metrics` JSON tag only.
+DETAIL_PREFIXES = ("moe/",)
+MAX_TAG_VALUE = 100_000  # MLflow's limit on a model version tag value
 
 
 @dataclass
@@ -162,8 +165,14 @@ class ModelRegistry:
         """Create a version from ``model_uri`` tagged with ``metrics`` and ``tags``; it becomes challenger,
         then champion if the gate passes (or if there is no champion yet)."""
         version_tags = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
-        version_tags[METRICS_TAG] = json.dumps(dict(metrics), sort_keys=True, default=str)
-        version_tags.update({f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in numeric_metrics(metrics).items()})
+        version_tags[METRICS_TAG] = _metrics_json(metrics)
+        version_tags.update(
+            {
+                f"{METRIC_TAG_PREFIX}{k}": repr(v)
+                for k, v in numeric_metrics(metrics).items()
+                if not k.startswith(DETAIL_PREFIXES)
+            }
+        )
         version_tags.update(
             {
                 "gate.metric": self.gate.metric,
@@ -333,6 +342,16 @@ class ModelRegistry:
         except ValueError:
             return False
         return True
+
+
+def _metrics_json(metrics: Mapping[str, Any]) -> str:
+    text = json.dumps(dict(metrics), sort_keys=True, default=str)
+    if len(text) > MAX_TAG_VALUE:  # keep the headline metrics, drop the per-layer detail
+        kept = {k: v for k, v in metrics.items() if not str(k).startswith(DETAIL_PREFIXES)}
+        text = json.dumps(
+            {**kept, "_truncated": "per-layer moe/* metrics: see the run"}, sort_keys=True, default=str
+        )
+    return text[:MAX_TAG_VALUE]
 
 
 def _json_list(text: str | None) -> list[Any]:
