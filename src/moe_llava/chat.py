@@ -104,7 +104,12 @@ def chat(
         text = line.strip()
         if not text:
             continue
-        print(answerer.answer([(image, text)])[0], file=stdout, flush=True)
+        try:
+            answer = answerer.answer([(image, text)])[0]
+        except ValueError as err:  # one bad question does not end the session
+            print(f"moe-llava chat: error: {err}", file=sys.stderr, flush=True)
+            continue
+        print(answer, file=stdout, flush=True)
         count += 1
 
 
@@ -118,5 +123,9 @@ def _chat(args: argparse.Namespace) -> int:
         kwargs["max_new_tokens"] = args.max_new_tokens
     with local_export(args.model, tracking_uri=args.tracking_uri) as export:
         answerer = Answerer.from_pretrained(export, **kwargs)  # loaded before the temp folder goes
-    chat(answerer, args.image, args.question)
+    try:
+        chat(answerer, args.image, args.question)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     return 0

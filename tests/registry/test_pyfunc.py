@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from moe_llava.registry.io import decode_image
 from moe_llava.registry.model import export_in_logged_model, resolve_export_dir
@@ -77,6 +81,17 @@ def test_pyfunc_answers_equal_the_direct_model(logged_model, tracking_uri, answe
     # Request parameter: fewer new tokens -> a prefix-length answer from the same greedy decoding.
     short = model.predict(frame.iloc[:1], params={"max_new_tokens": 1})["answer"].tolist()
     assert len(short[0]) <= len(direct[0])
+    # A real-sized image: base64 far longer than a path may be (inference's path check would raise).
+    noise = Image.frombytes(
+        "RGB", (96, 96), np.random.default_rng(0).integers(0, 256, 96 * 96 * 3, np.uint8).tobytes()
+    )
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    big = base64.b64encode(buffer.getvalue()).decode("ascii")
+    assert len(big) > 20_000
+    assert model.predict(pd.DataFrame({"image": [big], "prompt": [prompts[0]]}))["answer"].tolist() == (
+        answerer.answer([(buffer.getvalue(), prompts[0])])
+    )
     # Records (what dataframe_records becomes) work as well.
     assert model.predict([{"image": image_base64(images[0]), "prompt": prompts[0]}])["answer"][0] == direct[0]
 
