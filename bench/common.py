@@ -152,10 +152,12 @@ def header_lines(title: str, result: dict) -> list[str]:
             f"contention over the run: our threads waited for a CPU {fmt(load['waiting_cores'], '.2f')} cores, "
             f"other processes kept {fmt(load['other_cores_busy'], '.2f')} of {load['cores']} cores busy"
             + (
-                f"; rounds with waiting > {fmt(cfg.get('max_waiting_cores'), '.2f')} cores are set aside "
+                ""
+                if "max_waiting_cores" not in cfg
+                else "; contention control off: every round kept"
+                if cfg["max_waiting_cores"] is None
+                else f"; rounds with waiting > {cfg['max_waiting_cores']:.2f} cores are set aside "
                 "(column 'rounds': clean/run, '!' = too few clean rounds, loaded ones kept)"
-                if "max_waiting_cores" in cfg
-                else ""
             )
         )
     return lines

@@ -110,8 +110,22 @@ def dropless(model):
 
 def expert_paths(model, dtype: torch.dtype) -> list[str]:
     """The expert path(s) ``SparseMoeBlock`` picks for this model's inputs (``loop`` / ``grouped_mm``)."""
+    return expert_paths_of_blocks([block for _, block in moe_blocks(model)], dtype)
+
+
+def expert_path_for(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """The expert path ``SparseMoeBlock`` picks for Llama-style experts on ``device`` / ``dtype``."""
+    from bench.layers import make_dense_ffn
+    from moe_llava.model.moe import SparseMoeBlock
+
+    block = SparseMoeBlock.from_dense(make_dense_ffn("swiglu", 64, 128), num_experts=4, top_k=2)
+    block = block.to(device=device, dtype=dtype)
+    return expert_paths_of_blocks([block], dtype)[0]
+
+
+def expert_paths_of_blocks(blocks, dtype: torch.dtype) -> list[str]:
     paths = set()
-    for _, block in moe_blocks(model):
+    for block in blocks:
         weight = next(block.experts.parameters())
         probe = torch.zeros(2, block.router.in_features, device=weight.device, dtype=dtype)
         decide = getattr(block, "_expert_path", None)
