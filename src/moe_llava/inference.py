@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,7 +191,10 @@ def _store_image(image: Any, folder: Path, index: int) -> str:
         return name
     if isinstance(image, (bytes, bytearray)):
         data = bytes(image)
-    elif isinstance(image, (str, Path)) and Path(image).is_file():
+    elif isinstance(image, Path) or (isinstance(image, str) and os.path.isfile(image)):
+        # (os.path.isfile, not Path.is_file: long base64 text must not raise "file name too long")
+        if not os.path.isfile(image):
+            raise ValueError(f"image #{index}: file not found: {image}")
         data = Path(image).read_bytes()
     elif isinstance(image, str):
         try:
