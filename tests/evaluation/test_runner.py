@@ -61,6 +61,7 @@ def test_eval_command_on_an_moe_export(moe_export, shapesworld, tmp_path, monkey
 
     out = stage_dir / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # atomic writes leave nothing
     required = {
         *(f"pope/{s}/{m}" for s in POPE for m in ("accuracy", "precision", "recall", "f1", "yes_ratio")),
         "pope/mean_f1",

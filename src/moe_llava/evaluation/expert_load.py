@@ -230,9 +230,8 @@ def plot_expert_load(summary: Mapping[str, Any], path: str | Path | None = None,
         ax.set_xlabel("MoE layer")
         ax.set_ylim(0, 1)
         ax.set_ylabel("share of tokens (top-1 expert)")
-    axes[0].legend(
-        loc="upper left", bbox_to_anchor=(0, -0.22), ncol=num_experts, fontsize="small", frameon=False
-    )
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=num_experts, fontsize="small", frameon=False)
     ax = axes[-1]
     ax.plot(x, data["entropy"], marker="o", label="mean entropy")
     ax.axhline(data["max_entropy"], color="black", linestyle="--", linewidth=0.8, label="max log(E)")
