@@ -138,6 +138,7 @@ def run(cfg: DataBenchConfig, log=print) -> dict:
     batches = Batches(loader())
     pool_source = Batches(loader())
     pool = [next(pool_source) for _ in range(cfg.step_batches)]
+    del pool_source  # with workers: let them go before the timing starts
     patterns = hcfg.get("train_modules")
     step = models.TrainStep.for_stage(
         model.train(), stage, precision=hcfg.trainer.precision, patterns=list(patterns) if patterns else None

@@ -74,7 +74,11 @@ QUICK = E2EBenchConfig(
 
 
 def config_from_options(quick: bool = False, **overrides) -> E2EBenchConfig:
-    return common.replace_config(QUICK if quick else FULL, NAME, overrides)
+    cfg = common.replace_config(QUICK if quick else FULL, NAME, overrides)
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected some of {STAGES}")
+    return cfg
 
 
 def pipeline_overrides(cfg: E2EBenchConfig, data_root: Path, run_root: Path) -> list[str]:
@@ -240,9 +244,6 @@ def run(cfg: E2EBenchConfig, log=print) -> dict:
     import moe_llava.training.run  # noqa: F401
 
     start = time.perf_counter()
-    for stage in cfg.stages:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected some of {STAGES}")
     root, source = world.resolve(cfg.data_root, cfg.generate_world, full_size=True)
     runs, checks = [], []
     with LoadMonitor() as load:

@@ -77,7 +77,11 @@ QUICK = TrainingBenchConfig(
 
 
 def config_from_options(quick: bool = False, **overrides) -> TrainingBenchConfig:
-    return common.replace_config(QUICK if quick else FULL, NAME, overrides)
+    cfg = common.replace_config(QUICK if quick else FULL, NAME, overrides)
+    for name in cfg.dtypes:
+        if name not in models.DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(models.DTYPES)}")
+    return cfg
 
 
 def _size(cfg: TrainingBenchConfig) -> models.ModelSize:
@@ -260,9 +264,6 @@ def evaluate_targets(rows: list[dict], cfg: TrainingBenchConfig, device: torch.d
 def run(cfg: TrainingBenchConfig, log=print) -> dict:
     start = time.perf_counter()
     device = device_lib.select_device(cfg.device)
-    for name in cfg.dtypes:
-        if name not in models.DTYPES:
-            raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(models.DTYPES)}")
     rows, checks = [], []
     with LoadMonitor() as load:
         for dtype_name in cfg.dtypes:
