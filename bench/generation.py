@@ -75,7 +75,7 @@ def _generate(model, prompt: dict, new_tokens: int) -> torch.Tensor:
     )
 
 
-def _case(cfg, batch_size: int, dense, moe, device, log) -> tuple[dict, list[dict]]:
+def _case(cfg, batch_size: int, dense, moe, paths_taken: set, device, log) -> tuple[dict, list[dict]]:
     case = f"batch {batch_size}"
     prompt = models.prompts(dense, batch_size, cfg.prompt_len, seed=cfg.seed + batch_size, device=device)
     prompt_len = prompt["input_ids"].shape[1]
@@ -109,6 +109,7 @@ def _case(cfg, batch_size: int, dense, moe, device, log) -> tuple[dict, list[dic
             expected=[batch_size, cfg.new_tokens],
         )
     )
+    paths_taken.clear()
     variants = {
         "dense": lambda: _generate(dense, prompt, cfg.new_tokens),
         "moe": lambda: _generate(moe, prompt, cfg.new_tokens),
@@ -127,7 +128,7 @@ def _case(cfg, batch_size: int, dense, moe, device, log) -> tuple[dict, list[dic
         "batch_size": batch_size,
         "prompt_tokens": prompt_len,
         "new_tokens": cfg.new_tokens,
-        "expert_path": models.expert_paths(moe, torch.float32),
+        "expert_path": sorted(paths_taken),
         "times_ms": stats,
         "tokens_per_s": {name: summarize([new / t for t in samples[name]]) for name in ("dense", "moe")},
         "flops_per_call": call_flops,
@@ -156,10 +157,11 @@ def run(cfg: GenerationBenchConfig, log=print) -> dict:
     )
     dense = models.build_dense(size, seed=cfg.seed, device=device).eval()
     moe = models.upcycled_copy(dense).eval()
+    paths_taken = models.record_expert_paths(moe)
     rows, checks = [], []
     with LoadMonitor() as load:
         for batch_size in cfg.batch_sizes:
-            row, case_checks = _case(cfg, batch_size, dense, moe, device, log)
+            row, case_checks = _case(cfg, batch_size, dense, moe, paths_taken, device, log)
             rows.append(row)
             checks.extend(case_checks)
     verdicts = [

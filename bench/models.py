@@ -108,9 +108,20 @@ def dropless(model):
             b.capacity_factor, b.eval_capacity_factor = train_cf, eval_cf
 
 
-def expert_paths(model, dtype: torch.dtype) -> list[str]:
-    """The expert path(s) ``SparseMoeBlock`` picks for this model's inputs (``loop`` / ``grouped_mm``)."""
-    return expert_paths_of_blocks([block for _, block in moe_blocks(model)], dtype)
+def record_expert_paths(model) -> set[str]:
+    """A set that fills with the expert path each MoE block of ``model`` takes on every forward from
+    now on (``loop`` / ``grouped_mm``): what was really measured, not what a probe would pick."""
+    taken: set[str] = set()
+    for _, block in moe_blocks(model):
+        decide = block._expert_path
+
+        def recording(x, decide=decide):
+            path = decide(x)
+            taken.add(path)
+            return path
+
+        block._expert_path = recording
+    return taken
 
 
 def expert_path_for(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:

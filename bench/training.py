@@ -144,6 +144,7 @@ def _case(cfg: TrainingBenchConfig, dtype_name: str, device: torch.device, log) 
         )
     )
     snapshots = {"dense": models.trainable_snapshot(dense), "moe": models.trainable_snapshot(moe)}
+    paths_taken = models.record_expert_paths(moe)
 
     dtype = models.DTYPES[dtype_name]
     activation = "swiglu" if dense_shape.ffn_matrices == 3 else "gelu"
@@ -188,7 +189,7 @@ def _case(cfg: TrainingBenchConfig, dtype_name: str, device: torch.device, log) 
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
         "tokens_per_step": rows,
-        "expert_path": models.expert_paths(moe, dtype),
+        "expert_path": sorted(paths_taken),
         "moe_layers": list(moe_shape.moe_layers),
         "times_ms": stats,
         "tokens_per_s": {name: summarize([rows / t for t in samples[name]]) for name in ("dense", "moe")},
