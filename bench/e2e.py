@@ -217,7 +217,8 @@ def _one_pipeline(cfg: E2EBenchConfig, data_root: Path, log) -> tuple[dict, list
                 f"[{NAME}] {stage}: {seconds:6.1f} s (fit {common.fmt(timer.seconds, '.1f')} s, "
                 f"{result.get('global_step')} steps)"
             )
-        evaluation = {"status": "skipped", "reason": "evaluate=False", "seconds": None}
+        reason = "evaluate=False (--no-eval)" if not cfg.evaluate else "stage3 was not run"
+        evaluation = {"status": "skipped", "reason": reason, "seconds": None}
         if cfg.evaluate and "stage3" in cfg.stages:
             evaluation = run_evaluation([*overrides, *cfg.eval_overrides], cfg.eval_timeout_s)
             if evaluation["status"] != "unavailable":
