@@ -222,3 +222,24 @@ def generation_flops(
     for step in range(1, new_tokens):
         terms += lm_terms(s, batch, batch * (prompt_len + step), batch)
     return _summary(terms, training=False)
+
+
+def decode_weight_bytes(s: Shape, batch: int, bytes_per_param: int = 4) -> float:
+    """LM weight bytes one decode step reads: each dense matrix once (the LM head included), and per
+    MoE layer the router plus the experts the step's ``batch`` tokens touch, E (1 - (1 - k/E)^batch)
+    of them on average under uniform routing (k at batch 1, nearly all E at batch 8 with E=4, k=2).
+
+    Small-batch decoding on a CPU is bound by reading these weights rather than by FLOPs, so
+    ``bytes(dense) / bytes(MoE)`` is what the tokens/s ratio approaches there; it equals the FLOP
+    ratio at batch 1 and falls below it as soon as a step touches more than k experts.
+    """
+    attn = s.d * s.q_dim + 2 * s.d * s.kv_dim + s.q_dim * s.d
+    ffn = s.ffn_matrices * s.d * s.ffn
+    params = s.layers * attn + s.d * s.vocab
+    for i in range(s.layers):
+        if i in s.moe_layers:
+            touched = s.num_experts * (1 - (1 - s.top_k / s.num_experts) ** batch)
+            params += touched * ffn + s.d * s.num_experts
+        else:
+            params += ffn
+    return params * bytes_per_param

@@ -122,6 +122,10 @@ def _case(cfg, batch_size: int, dense, moe, paths_taken: set, device, log) -> tu
         for name, model in (("dense", dense), ("moe", moe))
     }
     flop_ratio = call_flops["dense"]["total"] / call_flops["moe"]["total"]
+    decode_bytes = {
+        name: flops.decode_weight_bytes(flops.shape_of(model), batch_size)
+        for name, model in (("dense", dense), ("moe", moe))
+    }
     stats = timing.stats_ms()
     row = {
         "case": case,
@@ -133,6 +137,9 @@ def _case(cfg, batch_size: int, dense, moe, paths_taken: set, device, log) -> tu
         "tokens_per_s": {name: summarize([new / t for t in samples[name]]) for name in ("dense", "moe")},
         "flops_per_call": call_flops,
         "flop_ratio_dense_vs_moe": flop_ratio,
+        # Memory-bound decoding: weight bytes one decode step reads (bench/flops.decode_weight_bytes).
+        "decode_weight_bytes": decode_bytes,
+        "decode_bytes_ratio_dense_vs_moe": decode_bytes["dense"] / decode_bytes["moe"],
         # (MoE tokens/s) / (dense tokens/s) = T_dense / T_moe, per round
         "tokens_per_s_ratio_moe_vs_dense": paired_ratio(samples["dense"], samples["moe"]),
         "gflops": {
@@ -172,7 +179,8 @@ def run(cfg: GenerationBenchConfig, log=print) -> dict:
             ">=",
             cfg.flop_slack * row["flop_ratio_dense_vs_moe"],
             TARGET_TEXT,
-            note=f"FLOP ratio dense/MoE {row['flop_ratio_dense_vs_moe']:.3f}",
+            note=f"FLOP ratio dense/MoE {row['flop_ratio_dense_vs_moe']:.3f}, "
+            f"decode weight-bytes ratio {row['decode_bytes_ratio_dense_vs_moe']:.3f}",
         )
         for row in rows
     ]
@@ -213,7 +221,7 @@ def format_table(result: dict) -> str:
     lines.append("")
     header = (
         f"{'case':9s} {'prompt':>6s} {'dense ms':>9s} {'moe ms':>9s} {'dense tok/s':>11s} {'moe tok/s':>10s} "
-        f"{'moe/dense':>9s} {'FLOP ratio':>10s} {'target':>7s} {'rounds':>7s}"
+        f"{'moe/dense':>9s} {'FLOP ratio':>10s} {'target':>7s} {'bytes ratio':>11s} {'rounds':>7s}"
     )
     lines += [header, "-" * len(header)]
     for row in result["results"]:
@@ -223,12 +231,16 @@ def format_table(result: dict) -> str:
             f"{tps['dense']['median']:11.1f} {tps['moe']['median']:10.1f} "
             f"{common.fmt(row['tokens_per_s_ratio_moe_vs_dense']['median'], '.3f'):>9s} "
             f"{row['flop_ratio_dense_vs_moe']:10.3f} {cfg['flop_slack'] * row['flop_ratio_dense_vs_moe']:7.3f} "
-            f"{common.rounds_text(row):>7s}"
+            f"{row['decode_bytes_ratio_dense_vs_moe']:11.3f} {common.rounds_text(row):>7s}"
         )
     lines.append("")
     lines.append(
         "'moe/dense': MoE tokens/s over dense tokens/s (paired per round); 'FLOP ratio': dense FLOPs /"
     )
-    lines.append("MoE FLOPs of the same call (bench/flops.py); 'target': the ratio the MoE model must reach.")
+    lines.append("MoE FLOPs of the same call (bench/flops.py); 'target': the ratio the MoE model must reach;")
+    lines.append(
+        "'bytes ratio': LM weight bytes a decode step reads, dense / MoE (all experts a step's tokens touch):"
+    )
+    lines.append("where decoding is memory-bound, tokens/s follows this rather than the FLOP ratio.")
     lines += ["", *common.checks_lines(result["checks"]), "", *common.verdict_lines(result["targets"])]
     return "\n".join(lines)

@@ -82,3 +82,18 @@ def test_generation_flops_count_prefill_and_decode_steps(pair):
         / flops.generation_flops(flops.shape_of(moe), 1, 70, 4)["total"]
     )
     assert 0.5 < ratio < 1
+
+
+def test_decode_weight_bytes_count_the_experts_a_step_touches(pair):
+    dense, moe = pair
+    d, m = flops.shape_of(dense), flops.shape_of(moe)
+    per_expert = 4 * 3 * SIZE.d_model * SIZE.ffn
+    router = 4 * SIZE.d_model * 4
+    # batch 1: top-2 experts per MoE layer (2 layers) -> one FFN's bytes extra per MoE layer, plus routers
+    assert flops.decode_weight_bytes(m, 1) - flops.decode_weight_bytes(d, 1) == pytest.approx(
+        2 * (per_expert + router)
+    )
+    # a large batch touches all 4 experts
+    assert flops.decode_weight_bytes(m, 64) - flops.decode_weight_bytes(d, 64) == pytest.approx(
+        2 * (3 * per_expert + router), rel=1e-6
+    )
