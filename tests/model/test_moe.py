@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moe_llava.model import SparseMoeBlock, moe_losses, set_routing_masks
+from moe_llava.model.moe import router_losses_disabled
 
 D, FFN = 16, 32
 
@@ -253,3 +254,19 @@ def test_bf16_autocast_keeps_the_router_in_fp32():
     probs = torch.softmax(x.reshape(-1, D) @ block.router.weight.t(), -1)  # fp32 reference routing
     assert torch.equal(block.last_stats.top1, torch.bincount(probs.argmax(-1), minlength=4))
     assert block.router.weight.grad is not None and block.router.weight.grad.dtype == torch.float32
+
+
+def test_router_losses_disabled_skips_losses_keeps_outputs_and_stats():
+    block = distinct_block()
+    x = torch.randn(2, 8, D)
+    with torch.no_grad():
+        expected = block(x)
+        stats = block.last_stats
+        with router_losses_disabled(nn.ModuleList([block])):
+            out = block(x)
+            assert block.aux_loss is None and block.z_loss is None
+            assert moe_losses(nn.ModuleList([block])) == (None, None)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(block.last_stats.top1, stats.top1)
+        block(x)  # restored on exit
+    assert block.compute_losses and block.aux_loss is not None

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from moe_llava.constants import IGNORE_INDEX
 from moe_llava.model.configuration import MoELlavaConfig
-from moe_llava.model.moe import moe_blocks, moe_losses, set_routing_masks
+from moe_llava.model.moe import moe_blocks, moe_losses, router_losses_disabled, set_routing_masks
 from moe_llava.model.upcycle import upcycle_to_moe
 
 
@@ -258,9 +258,10 @@ class MoELlavaForCausalLM(PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         set_routing_masks(self.language_model, attention_mask, image_mask)
-        return self.language_model.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
-        )
+        with router_losses_disabled(self.language_model):
+            return self.language_model.generate(
+                inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
+            )
 
     def router_stats(self) -> dict[str, object]:
         """Per-MoE-layer :class:`RouterStats` of the latest forward, keyed by decoder layer name."""

@@ -24,8 +24,10 @@ Token-level side information (padding and image/text masks) reaches the block th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +169,9 @@ class SparseMoeBlock(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.last_stats: RouterStats | None = None
+        # Off during generation (see `router_losses_disabled`): nothing reads the losses there, and
+        # their reductions are a fixed per-token cost on every decode step.
+        self.compute_losses = True
         # Expert execution: None = automatic (see `_expert_path`); "loop" or "grouped_mm" forces one
         # (tests, benchmarks). Grouped-path self-checks are cached per device/dtype/expert set.
         self._expert_path_override: str | None = None
@@ -395,9 +400,12 @@ class SparseMoeBlock(nn.Module):
         denom = max(num_tokens, 1)
         top1_counts = torch.bincount(top1, minlength=num_experts)
         # Switch/GShard balance loss on top-1 counts (before dropping): minimum 1.0 when balanced.
-        mean_prob = probs.sum(dim=0) / denom
-        self.aux_loss = num_experts * (mean_prob * top1_counts.to(mean_prob.dtype) / denom).sum()
-        self.z_loss = torch.logsumexp(logits, dim=-1).square().sum() / denom
+        if self.compute_losses:
+            mean_prob = probs.sum(dim=0) / denom
+            self.aux_loss = num_experts * (mean_prob * top1_counts.to(mean_prob.dtype) / denom).sum()
+            self.z_loss = torch.logsumexp(logits, dim=-1).square().sum() / denom
+        else:
+            self.aux_loss = self.z_loss = None
 
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / denom
@@ -442,6 +450,20 @@ def set_routing_masks(
     for _, block in moe_blocks(model):
         block.padding_mask = padding_mask
         block.modality_mask = modality_mask
+
+
+@contextlib.contextmanager
+def router_losses_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, MoE blocks of ``model`` skip their aux/z losses (statistics are still kept)."""
+    blocks = [block for _, block in moe_blocks(model)]
+    previous = [block.compute_losses for block in blocks]
+    for block in blocks:
+        block.compute_losses = False
+    try:
+        yield
+    finally:
+        for block, value in zip(blocks, previous):
+            block.compute_losses = value
 
 
 def moe_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
