@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from moe_llava.model.upcycle import find_decoder_layers
 from moe_llava.paths import CONF_DIR
+from moe_llava.training.lit_module import param_groups
 from moe_llava.training.run import resolve_stage_config
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
 from moe_llava.training.validation import ConfigError, validate_stage_config
@@ -94,6 +95,8 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["model.language_model.config.model_type=not-a-model"], "model.language_model.config.model_type"),
         (["model.vision_tower.config.model_type=llama"], "model.vision_tower.config.model_type"),
         (["resume=sometimes"], "resume"),
+        (["stage.lr_scale={vision:0.1}"], "stage.lr_scale.vision"),
+        (["stage.lr_scale={vision_tower:0}"], "stage.lr_scale.vision_tower"),
     ],
 )
 def test_invalid_settings_name_the_key(overrides, key):
@@ -113,3 +116,14 @@ def test_missing_data_and_previous_export_are_reported_before_any_work(tmp_path)
     cfg["data"]["tokenizer"] = None
     with pytest.raises(ConfigError, match=r"^init_from: stage2 starts from stage1.s export"):
         validate_stage_config(cfg)
+
+
+def test_lr_scale_gives_each_part_its_own_learning_rate(tiny_vlm):
+    cfg = composed("experiment=tiny_cpu", "stage=stage1", "stage.lr_scale={vision_tower:0.1}")
+    validate_stage_config(cfg, check_paths=False)
+    assert cfg["stage"]["lr_scale"] == {"vision_tower": 0.1}
+    tiny_vlm.language_model.requires_grad_(False)
+    low, high = sorted(param_groups(tiny_vlm, 1e-3, cfg["stage"]["lr_scale"]), key=lambda g: g["lr"])
+    assert (low["lr"], high["lr"]) == (pytest.approx(1e-4), 1e-3)
+    assert {id(p) for p in low["params"]} == {id(p) for p in tiny_vlm.vision_tower.parameters()}
+    assert {id(p) for p in high["params"]} == {id(p) for p in tiny_vlm.projector.parameters()}

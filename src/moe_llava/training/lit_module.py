@@ -15,7 +15,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_
 
 
 class MoELlavaLitModule(L.LightningModule):
-    """Trains the parameters of ``model`` that require grad with AdamW and a warmup + cosine schedule."""
+    """Trains the parameters of ``model`` that require grad with AdamW and a warmup + cosine schedule.
+
+    ``lr_scale`` multiplies the learning rate of whole parts (``vision_tower``, ``projector``,
+    ``language_model``), like LLaVA-NeXT's separate vision-tower and projector learning rates.
+    """
 
     def __init__(
         self,
@@ -24,10 +28,12 @@ class MoELlavaLitModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         betas: tuple[float, float] = (0.9, 0.999),
+        lr_scale: dict[str, float] | None = None,
     ):
         super().__init__()
         self.model = model
         self.lr = lr
+        self.lr_scale = dict(lr_scale or {})
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.betas = tuple(betas)
@@ -75,9 +81,23 @@ class MoELlavaLitModule(L.LightningModule):
         self.log("train/samples_per_sec", batch["input_ids"].shape[0] / elapsed, on_step=True, batch_size=1)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, self.lr, self.lr_scale),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+        )
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup_steps = math.ceil(total_steps * self.warmup_ratio)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def param_groups(model: torch.nn.Module, lr: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Trainable parameters grouped by learning rate: ``lr`` times the scale of their top-level part."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            scale = float((lr_scale or {}).get(name.split(".", 1)[0], 1.0))
+            groups.setdefault(lr * scale, []).append(param)
+    return [{"params": params, "lr": group_lr} for group_lr, params in groups.items()]

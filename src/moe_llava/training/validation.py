@@ -68,6 +68,9 @@ def accumulation_steps(stage_cfg: Mapping, world: int) -> int:
     return global_batch // per_step
 
 
+LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
+
+
 def validate_stage_config(cfg: Mapping[str, Any], check_paths: bool = True) -> None:
     stage = cfg["stage"]
     name = stage.get("name")
@@ -84,6 +87,11 @@ def validate_stage_config(cfg: Mapping[str, Any], check_paths: bool = True) -> N
     _positive(stage, "micro_batch_size", "stage")
     _positive(stage, "global_batch_size", "stage")
     _positive(stage, "weight_decay", "stage", allow_zero=True)
+    for part, scale in (stage.get("lr_scale") or {}).items():
+        if part not in LR_SCALE_PARTS:
+            raise ConfigError(f"stage.lr_scale.{part}", f"unknown part; expected one of {LR_SCALE_PARTS}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+            raise ConfigError(f"stage.lr_scale.{part}", f"must be a number > 0, got {scale!r}")
     if not 0 <= float(stage.get("warmup_ratio", 0)) < 1:
         raise ConfigError("stage.warmup_ratio", f"must be in [0, 1), got {stage.get('warmup_ratio')}")
     if int(stage.get("epochs", 1)) < 1 and int(stage.get("max_steps", -1)) <= 0:
