@@ -49,7 +49,7 @@ def test_paper_recipes_keep_paper_hyperparameters():
 
 
 def test_command_line_stage_values_win_over_the_preset():
-    assert composed("experiment=tiny_cpu", "stage=stage2")["stage"]["lr"] == 1e-3  # preset value
+    assert composed("experiment=tiny_cpu", "stage=stage2")["stage"]["lr"] == 2e-3  # preset value
     assert composed("experiment=tiny_cpu", "stage=stage2", "stage.lr=0.123")["stage"]["lr"] == 0.123
 
 

@@ -247,7 +247,7 @@ def _fit(
         lr=float(stage_cfg.lr),
         weight_decay=float(stage_cfg.weight_decay),
         warmup_ratio=float(stage_cfg.warmup_ratio),
-        lr_scale=OmegaConf.to_container(stage_cfg.get("lr_scale") or {}),
+        lr_scale={str(k): float(v) for k, v in (stage_cfg.get("lr_scale") or {}).items()},
     )
     model.train()  # `from_pretrained` returns eval mode, and Lightning keeps the modes it finds
     trainer.fit(
