@@ -168,9 +168,7 @@ class Answerer:
             return []
         with tempfile.TemporaryDirectory(prefix="moe-llava-images-") as folder:
             records = [
-                question_record(
-                    str(i), None if image is None else _store_image(image, Path(folder), i), prompt
-                )
+                question_record(str(i), _store_image(image, Path(folder), i), prompt)
                 for i, (image, prompt) in enumerate(questions)
             ]
             dataset = LlavaDataset(
@@ -183,38 +181,51 @@ class Answerer:
         return [by_id[str(i)] for i in range(len(questions))]
 
 
-def _store_image(image: Any, folder: Path, index: int) -> str:
-    """Write one image (path, PIL image, bytes, base64 text) into ``folder``; returns its relative name."""
-    name = f"{index:06d}.png"
+def normalize_image(image: Any, label: str = "image") -> Image.Image | bytes | str | None:
+    """An image given as a path, PIL image, bytes or base64 text (data URLs too) -> None (no image),
+    a path, bytes or a PIL image. ``label`` names the input in errors (e.g. ``"row 3"``)."""
+    if image is None or (isinstance(image, float) and image != image):  # None / NaN: text-only
+        return None
     if isinstance(image, Image.Image):
-        image.convert("RGB").save(folder / name)
-        return name
+        return image
     if isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-    elif isinstance(image, Path) or (isinstance(image, str) and os.path.isfile(image)):
-        # (os.path.isfile, not Path.is_file: long base64 text must not raise "file name too long")
-        if not os.path.isfile(image):
-            raise ValueError(f"image #{index}: file not found: {image}")
-        data = Path(image).read_bytes()
-    elif isinstance(image, str):
-        try:
-            data = base64.b64decode(_strip_data_url(image), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(
-                f"image #{index}: {image[:60]!r} is neither an existing file nor base64-encoded image data"
-            ) from None
-    else:
+        return bytes(image)
+    if isinstance(image, Path):
+        if not image.is_file():
+            raise ValueError(f"{label}: image file not found: {image}")
+        return str(image)
+    if not isinstance(image, str):
         raise ValueError(
-            f"image #{index}: unsupported type {type(image).__name__} (path, PIL image, bytes or base64)"
+            f"{label}: image must be a path, PIL image, bytes or base64 text, got {type(image).__name__}"
         )
+    text = image.strip()
+    if not text:
+        return None
+    # os.path.isfile, not Path.is_file: long base64 text must not raise "file name too long"
+    if not text.startswith("data:") and os.path.isfile(text):
+        return text
+    payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"{label}: image {text[:60]!r} is neither an existing file nor base64-encoded image data"
+        ) from None
+
+
+def _store_image(image: Any, folder: Path, index: int) -> str | None:
+    """Write one image into ``folder`` as PNG; returns its relative name (None: no image)."""
+    label = f"question #{index}"
+    image = normalize_image(image, label)
+    if image is None:
+        return None
+    name = f"{index:06d}.png"
+    try:
+        if isinstance(image, Image.Image):
+            image.convert("RGB").save(folder / name)
+            return name
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
             img.convert("RGB").save(folder / name)
     except OSError as err:
-        raise ValueError(f"image #{index}: not a readable image ({err})") from None
+        raise ValueError(f"{label}: not a readable image ({err})") from None
     return name
-
-
-def _strip_data_url(text: str) -> str:
-    """``data:image/png;base64,AAAA`` -> ``AAAA`` (browsers and many clients send data URLs)."""
-    return text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
