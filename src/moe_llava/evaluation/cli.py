@@ -3,6 +3,7 @@
     moe-llava eval run experiment=tiny_cpu stage=stage3 [hydra overrides]
     moe-llava eval pope-score --questions pope_random.jsonl --answers answers.jsonl
     moe-llava eval vqa-score  --questions vqa_test.jsonl    --answers answers.jsonl
+    moe-llava eval vision-probe --data-root data/shapesworld --set patch_size=16
 
 The scorers print their metrics as JSON on stdout; questions without an answer and answers to
 unknown question ids are counted and listed in that JSON and summarised on stderr.
@@ -38,12 +39,67 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         score.add_argument("--answers", required=True, help="answers file (JSONL with question_id and text)")
         score.set_defaults(func=_score, kind=kind)
 
+    probe = commands.add_parser(
+        "vision-probe",
+        help="train the model's vision tower directly on the POPE objects: the ceiling the VLM is measured against",
+    )
+    probe.add_argument(
+        "--data-root", default="data/shapesworld", help="ShapesWorld folder (with annotations_*.jsonl)"
+    )
+    probe.add_argument("--model", default=None, help="model config YAML (default: conf/model/tiny.yaml)")
+    probe.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a vision-tower config value, e.g. --set patch_size=16",
+    )
+    probe.add_argument("--epochs", type=int, default=6)
+    probe.add_argument("--batch-size", type=int, default=32)
+    probe.add_argument("--lr", type=float, default=1e-3)
+    probe.add_argument(
+        "--time-budget-s", type=float, default=None, help="stop after the epoch that crosses it"
+    )
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--out", default=None, help="write the per-epoch results as JSON here")
+    probe.set_defaults(func=_vision_probe)
+
 
 def _run(args: argparse.Namespace) -> int:
     from moe_llava import evaluate
 
     sys.argv = [sys.argv[0], *args.overrides]  # Hydra parses sys.argv
     evaluate.main()
+    return 0
+
+
+def _vision_probe(args: argparse.Namespace) -> int:
+    import yaml
+
+    from moe_llava.evaluation.vision_probe import ProbeConfig, run_probe
+    from moe_llava.paths import CONF_DIR
+
+    model_path = args.model or CONF_DIR / "model" / "tiny.yaml"
+    with open(model_path, encoding="utf-8") as handle:
+        tower = yaml.safe_load(handle)["vision_tower"]
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in tower["config"]:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(tower['config'])}")
+        tower["config"][key] = yaml.safe_load(value)
+    config = ProbeConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        time_budget_s=args.time_budget_s,
+        seed=args.seed,
+    )
+    result = run_probe(args.data_root, tower, config, log=lambda line: print(line, file=sys.stderr))
+    summary = {"data_root": str(args.data_root), **result.final}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump({"data_root": str(args.data_root), **vars(result)}, handle, indent=2)
     return 0
 
 

@@ -119,7 +119,8 @@ class SparseMoeBlock(nn.Module):
         router: ``nn.Linear(hidden_size, num_experts, bias=False)``, evaluated in fp32.
         experts: ``nn.ModuleList`` of modules with the dense FFN's exact class, names and shapes.
         aux_loss, z_loss: losses of the latest forward (0-dim tensors with grad).
-        last_stats: :class:`RouterStats` of the latest forward.
+        last_stats: :class:`RouterStats` of the latest forward, computed when first read (a decode
+            step that nobody inspects pays only for keeping a few detached tensors).
     """
 
     def __init__(
@@ -168,7 +169,8 @@ class SparseMoeBlock(nn.Module):
         self.modality_mask: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
-        self.last_stats: RouterStats | None = None
+        self._last_stats: RouterStats | None = None
+        self._pending_stats: tuple | None = None
         # Off during generation (see `router_losses_disabled`): nothing reads the losses there, and
         # their reductions are a fixed per-token cost on every decode step.
         self.compute_losses = True
@@ -392,36 +394,49 @@ class SparseMoeBlock(nn.Module):
         return out.view(hidden_states.shape)
 
     def _record_losses_and_stats(self, logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept):
-        num_experts = self.num_experts
-        top1 = topk_idx[:, 0]
-        if valid is not None:
-            probs, logits, top1, topk_idx = probs[valid], logits[valid], top1[valid], topk_idx[valid]
-            is_image = is_image[valid] if is_image is not None else None
-        denom = max(num_tokens, 1)
-        top1_counts = torch.bincount(top1, minlength=num_experts)
+        # Statistics are a dozen small reductions: deferred to the first read of `last_stats`.
+        self._last_stats = None
+        self._pending_stats = (probs.detach(), topk_idx, valid, is_image, num_tokens, assigned, kept)
         # Switch/GShard balance loss on top-1 counts (before dropping): minimum 1.0 when balanced.
         if self.compute_losses:
+            if valid is not None:
+                probs, logits, topk_idx = probs[valid], logits[valid], topk_idx[valid]
+            denom = max(num_tokens, 1)
+            top1_counts = torch.bincount(topk_idx[:, 0], minlength=self.num_experts)
             mean_prob = probs.sum(dim=0) / denom
-            self.aux_loss = num_experts * (mean_prob * top1_counts.to(mean_prob.dtype) / denom).sum()
+            self.aux_loss = self.num_experts * (mean_prob * top1_counts.to(mean_prob.dtype) / denom).sum()
             self.z_loss = torch.logsumexp(logits, dim=-1).square().sum() / denom
         else:
             self.aux_loss = self.z_loss = None
 
-        with torch.no_grad():
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / denom
-            stats = RouterStats(
-                num_tokens=torch.tensor(num_tokens),
-                top1=top1_counts,
-                assigned=assigned[:num_experts],
-                kept=kept,
-                entropy=entropy,
-            )
-            if is_image is not None:
-                stats.image_top1 = torch.bincount(top1[is_image], minlength=num_experts)
-                stats.text_top1 = torch.bincount(top1[~is_image], minlength=num_experts)
-                stats.image_assigned = torch.bincount(topk_idx[is_image].reshape(-1), minlength=num_experts)
-                stats.text_assigned = torch.bincount(topk_idx[~is_image].reshape(-1), minlength=num_experts)
-            self.last_stats = stats
+    @property
+    def last_stats(self) -> RouterStats | None:
+        if self._last_stats is None and self._pending_stats is not None:
+            self._last_stats = self._compute_stats(*self._pending_stats)
+            self._pending_stats = None
+        return self._last_stats
+
+    @torch.no_grad()
+    def _compute_stats(self, probs, topk_idx, valid, is_image, num_tokens, assigned, kept) -> RouterStats:
+        if valid is not None:
+            probs, topk_idx = probs[valid], topk_idx[valid]
+            is_image = is_image[valid] if is_image is not None else None
+        num_experts = self.num_experts
+        top1 = topk_idx[:, 0]
+        denom = max(num_tokens, 1)
+        stats = RouterStats(
+            num_tokens=torch.tensor(num_tokens),
+            top1=torch.bincount(top1, minlength=num_experts),
+            assigned=assigned[:num_experts],
+            kept=kept,
+            entropy=-(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / denom,
+        )
+        if is_image is not None:
+            stats.image_top1 = torch.bincount(top1[is_image], minlength=num_experts)
+            stats.text_top1 = torch.bincount(top1[~is_image], minlength=num_experts)
+            stats.image_assigned = torch.bincount(topk_idx[is_image].reshape(-1), minlength=num_experts)
+            stats.text_assigned = torch.bincount(topk_idx[~is_image].reshape(-1), minlength=num_experts)
+        return stats
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,230 @@
+"""How well can a vision tower learn a dataset's POPE objects when told the answers directly?
+
+A diagnostic for the learning-quality bar: the model's vision tower (built from its config, random
+weights, exactly as stage 1 gets it) plus a small attention head (one learned query per object,
+cross-attending to the tower's patch features, a logit per object) is trained on the training
+images' object annotations with a plain multi-label loss, then scored as POPE scores a model:
+for each (test image, object, yes/no) question of the POPE files, the answer is "yes" when the
+object's logit passes a threshold. Two thresholds are reported:
+
+* ``val``: the one with the best balanced F1 on the validation images (a fair number);
+* ``oracle``: the best one per split on the test questions themselves (an upper bound).
+
+No language model is involved, so this is the easiest supervision the tower can get; the
+generative pipeline, which must learn the same facts through next-token prediction with a
+from-scratch LM, should not be expected to beat it in the same time.
+``moe-llava eval vision-probe --data-root data/shapesworld`` runs it (see docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_llava.data.images import ImageTransform, open_image, resolve_image_path
+from moe_llava.evaluation.pope import POPE_SPLITS
+from moe_llava.model.builder import build_image_processor, build_vision_tower
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    feature_layer: int = -2  # the layer the VLM's projector reads
+    time_budget_s: float | None = None  # stop after the epoch that crosses it
+    seed: int = 0
+
+
+@dataclass
+class ProbeResult:
+    config: dict
+    vision_tower: dict
+    objects: list[str]
+    epochs: list[dict] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _load_split(
+    root: Path, split: str, transform: ImageTransform
+) -> tuple[list[str], torch.Tensor, list[list[str]]]:
+    path = root / f"annotations_{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the probe needs ShapesWorld-style object annotations")
+    records = _read_jsonl(path)
+    images = [open_image(resolve_image_path(root / "images", record["image"])) for record in records]
+    pixels = torch.cat([transform(images[i : i + 256]) for i in range(0, len(images), 256)])
+    objects = [[obj["name"] for obj in record["objects"]] for record in records]
+    return [record["image"] for record in records], pixels, objects
+
+
+class ObjectHead(nn.Module):
+    """One learned query per object cross-attends to the patch features; a logit per object."""
+
+    def __init__(self, hidden_size: int, num_objects: int, num_heads: int = 4):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_objects, hidden_size) * 0.02)
+        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.out = nn.Linear(hidden_size, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.expand(features.shape[0], -1, -1)
+        pooled, _ = self.attention(queries, features, features)
+        return self.out(pooled).squeeze(-1)
+
+
+def _f1(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:
+    predicted = scores >= threshold
+    tp = int((predicted & labels).sum())
+    fp = int((predicted & ~labels).sum())
+    fn = int((~predicted & labels).sum())
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def _best_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    candidates = scores.unique()
+    if candidates.numel() > 512:
+        candidates = candidates.quantile(torch.linspace(0, 1, 512, dtype=candidates.dtype))
+    best = max(((_f1(scores, labels, float(t)), float(t)) for t in candidates), default=(0.0, 0.0))
+    return best[1], best[0]
+
+
+def run_probe(
+    data_root: str | Path,
+    vision_tower: Mapping,
+    config: ProbeConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> ProbeResult:
+    """Train the probe on ``data_root``'s training images, score it on its POPE files after every epoch."""
+    cfg = config or ProbeConfig()
+    root = Path(data_root)
+    torch.manual_seed(cfg.seed)
+    spec = {**dict(vision_tower), "name_or_path": None}  # random weights, as the tiny preset starts
+    tower = build_vision_tower(spec, pretrained=False)
+    transform = ImageTransform(build_image_processor(spec, pretrained=False), aspect="pad")
+
+    train_ids, train_pixels, train_objects = _load_split(root, "train", transform)
+    _, val_pixels, val_objects = _load_split(root, "val", transform)
+    test_ids, test_pixels, test_objects = _load_split(root, "test", transform)
+    questions = {split: _read_jsonl(root / f"pope_{split}.jsonl") for split in POPE_SPLITS}
+    objects = sorted(
+        {name for names in (*train_objects, *val_objects, *test_objects) for name in names}
+        | {q["object"] for split_questions in questions.values() for q in split_questions}
+    )
+    index = {name: i for i, name in enumerate(objects)}
+
+    def multi_hot(names_per_image):
+        target = torch.zeros(len(names_per_image), len(objects))
+        for row, names in enumerate(names_per_image):
+            target[row, [index[n] for n in names]] = 1.0
+        return target
+
+    train_targets, val_targets = multi_hot(train_objects), multi_hot(val_objects)
+    test_row = {image: row for row, image in enumerate(test_ids)}
+    pope = {}
+    for split, split_questions in questions.items():
+        unknown = [q["question_id"] for q in split_questions if q["image"] not in test_row]
+        if unknown:
+            raise ValueError(
+                f"{root / f'pope_{split}.jsonl'}: questions {unknown[:5]} ask about images missing from "
+                f"{root / 'annotations_test.jsonl'}"
+            )
+        pope[split] = (
+            torch.tensor([test_row[q["image"]] for q in split_questions]),
+            torch.tensor([index[q["object"]] for q in split_questions]),
+            torch.tensor([q["label"] == "yes" for q in split_questions]),
+        )
+
+    head = ObjectHead(tower.config.hidden_size, len(objects))
+    params = [*tower.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(len(train_ids) // cfg.batch_size, 1)
+    total = cfg.epochs * steps_per_epoch
+    warmup = max(int(total * cfg.warmup_ratio), 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))),
+    )
+
+    def logits(pixels: torch.Tensor) -> torch.Tensor:
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[cfg.feature_layer]
+        return head(hidden[:, 1:] if hidden.shape[1] > 1 else hidden)  # CLS dropped, as the VLM does
+
+    @torch.no_grad()
+    def predict(pixels: torch.Tensor) -> torch.Tensor:
+        tower.eval(), head.eval()
+        out = torch.cat([logits(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
+        tower.train(), head.train()
+        return out
+
+    result = ProbeResult(
+        config=asdict(cfg),
+        vision_tower=json.loads(tower.config.to_json_string()),
+        objects=objects,
+    )
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train_ids))
+        losses = []
+        for step in range(steps_per_epoch):
+            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                logits(train_pixels[batch]), train_targets[batch]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+
+        # Threshold from the validation images: every present object + as many absent ones.
+        val_scores = predict(val_pixels)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        positives = val_targets.bool()
+        negative_pick = torch.rand(val_scores.shape, generator=generator) < (
+            positives.sum() / (~positives).sum()
+        )
+        chosen = positives | negative_pick
+        threshold, _ = _best_threshold(val_scores[chosen], positives[chosen])
+
+        test_scores = predict(test_pixels)
+        row = {
+            "epoch": epoch + 1,
+            "seconds": round(time.perf_counter() - start, 1),
+            "train_loss": sum(losses) / len(losses),
+        }
+        for split, (image_rows, object_cols, labels) in pope.items():
+            scores = test_scores[image_rows, object_cols]
+            row[f"{split}/f1"] = _f1(scores, labels, threshold)
+            row[f"{split}/f1_oracle"] = _best_threshold(scores, labels)[1]
+        row["mean_f1"] = sum(row[f"{s}/f1"] for s in POPE_SPLITS) / len(POPE_SPLITS)
+        row["mean_f1_oracle"] = sum(row[f"{s}/f1_oracle"] for s in POPE_SPLITS) / len(POPE_SPLITS)
+        result.epochs.append(row)
+        log(
+            f"epoch {row['epoch']}  {row['seconds']:.0f}s  train loss {row['train_loss']:.4f}  "
+            f"POPE F1 "
+            + " / ".join(f"{row[f'{s}/f1']:.3f}" for s in POPE_SPLITS)
+            + f"  mean {row['mean_f1']:.3f} (oracle threshold {row['mean_f1_oracle']:.3f})"
+        )
+        if cfg.time_budget_s is not None and row["seconds"] >= cfg.time_budget_s:
+            log(f"time budget of {cfg.time_budget_s:.0f}s reached after epoch {row['epoch']}")
+            break
+    return result
