@@ -270,3 +270,17 @@ def test_router_losses_disabled_skips_losses_keeps_outputs_and_stats():
         torch.testing.assert_close(block.last_stats.top1, stats.top1)
         block(x)  # restored on exit
     assert block.compute_losses and block.aux_loss is not None
+
+
+def test_router_stats_are_computed_on_first_read_and_describe_the_latest_forward():
+    block = distinct_block().eval()
+    first, second = torch.randn(1, 6, D), torch.randn(1, 10, D)
+    block(first)
+    assert block._last_stats is None  # nothing computed until someone reads them
+    block(second)
+    stats = block.last_stats
+    assert int(stats.num_tokens) == 10 and block.last_stats is stats  # the latest forward, cached
+    with torch.no_grad():
+        probs = block.router(second.view(-1, D).float()).softmax(-1)
+    assert torch.equal(stats.top1, torch.bincount(probs.argmax(-1), minlength=4))
+    assert stats.entropy > 0 and not stats.entropy.requires_grad
