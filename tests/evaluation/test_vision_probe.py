@@ -64,3 +64,17 @@ def test_probe_cli_writes_json(shapesworld, tmp_path, capsys):
     assert saved["vision_tower"]["hidden_size"] == 16 and len(saved["epochs"]) == 1
     with pytest.raises(SystemExit, match="patch"):
         main([*argv, "--set", "no_such_key=1"])
+
+
+def test_probe_names_file_and_line_of_a_bad_record(shapesworld, tmp_path):
+    import shutil
+
+    broken = tmp_path / "world"
+    shutil.copytree(shapesworld, broken)
+    lines = (broken / "pope_popular.jsonl").read_text().splitlines()
+    record = json.loads(lines[2])
+    del record["object"]
+    lines[2] = json.dumps(record)
+    (broken / "pope_popular.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"pope_popular.jsonl:3: record lacks field\(s\) \['object'\]"):
+        run_probe(broken, TOWER, ProbeConfig(epochs=1), log=lambda _: None)

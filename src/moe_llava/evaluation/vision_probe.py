@@ -57,9 +57,22 @@ class ProbeResult:
         return self.epochs[-1] if self.epochs else {}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    """The records of a JSONL file; a bad line or a missing key is an error naming file and line."""
+    records = []
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+            missing = [key for key in keys if key not in record] if isinstance(record, dict) else list(keys)
+            if missing:
+                raise ValueError(f"{path}:{line_number}: record lacks field(s) {missing}")
+            records.append(record)
+    return records
 
 
 def _load_split(
@@ -68,7 +81,7 @@ def _load_split(
     path = root / f"annotations_{split}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: the probe needs ShapesWorld-style object annotations")
-    records = _read_jsonl(path)
+    records = _read_jsonl(path, ("image", "objects"))
     images = [open_image(resolve_image_path(root / "images", record["image"])) for record in records]
     pixels = torch.cat([transform(images[i : i + 256]) for i in range(0, len(images), 256)])
     objects = [[obj["name"] for obj in record["objects"]] for record in records]
@@ -123,7 +136,10 @@ def run_probe(
     train_ids, train_pixels, train_objects = _load_split(root, "train", transform)
     _, val_pixels, val_objects = _load_split(root, "val", transform)
     test_ids, test_pixels, test_objects = _load_split(root, "test", transform)
-    questions = {split: _read_jsonl(root / f"pope_{split}.jsonl") for split in POPE_SPLITS}
+    questions = {
+        split: _read_jsonl(root / f"pope_{split}.jsonl", ("question_id", "image", "object", "label"))
+        for split in POPE_SPLITS
+    }
     objects = sorted(
         {name for names in (*train_objects, *val_objects, *test_objects) for name in names}
         | {q["object"] for split_questions in questions.values() for q in split_questions}
