@@ -6,6 +6,7 @@
 * ``mixtral_<impl>``: ``transformers``' own ``MixtralSparseMoeBlock`` (stacked ``gate_up_proj`` /
   ``down_proj`` expert weights, fused gate+up GEMM) with our experts' weights and router copied in,
   for each ``experts_implementation`` (``eager`` loop, ``grouped_mm``, ``batched_mm``).
+* ``expert_gemm_floor``: only the experts' GEMMs (gate+up fused), the floor under every peer.
 * ``deepspeed_einsum``: :class:`EinsumTop2Moe`, the GShard/DeepSpeed ``top2gating`` one-hot
   ``einsum`` dispatch over a (tokens x experts x capacity) tensor, written here as the reference
   baseline (it is what MoE-LLaVA's reference implementation runs).
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_llava.model.moe import SparseMoeBlock
+from moe_llava.model.moe import _GROUPED_LAYOUTS, SparseMoeBlock, _grouped_layout
 
 ACTIVATIONS = ("swiglu", "gelu")
 MIXTRAL_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -217,6 +218,54 @@ def experts_only_fn(block: SparseMoeBlock, x: torch.Tensor, grad: torch.Tensor |
             expert(chunk.detach().requires_grad_(True)) for expert, chunk in zip(block.experts, inputs)
         ]
         torch.autograd.backward(outputs, grads)
+
+    return run
+
+
+def expert_gemm_floor_fn(block: SparseMoeBlock, x: torch.Tensor, grad: torch.Tensor | None):
+    """The experts' matrix multiplies and nothing else: the least time any MoE implementation needs.
+
+    Per expert, on the rows ``block``'s dropless routing of ``x`` gives it, plain ``torch.mm`` calls
+    with the experts' own weights in their fastest form: a gated FFN's gate and up projections
+    fused into one GEMM (as Mixtral stores them), then the output projection; with ``grad`` also
+    every input- and weight-gradient GEMM. No activation, gating product, routing, gather or
+    combine: those are work every implementation must still add, so T(any block) / T(this) is an
+    upper bound on the speed-up any implementation running these GEMM kernels can have over it.
+    Returns None when the experts have no recognised layout (see ``_GROUPED_LAYOUTS``).
+    """
+    layout = _grouped_layout(block.experts)
+    if layout is None:
+        return None
+    inputs_names, output_name, _ = _GROUPED_LAYOUTS[layout]
+    index, _ = reference_routing(block, x)
+    counts = torch.bincount(index.reshape(-1), minlength=block.num_experts).tolist()
+    dtype, device = x.dtype, x.device
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    with torch.no_grad():
+        w_in = [
+            torch.cat([getattr(e, n).weight for n in inputs_names]).detach().contiguous()
+            for e in block.experts
+        ]
+        w_out = [getattr(e, output_name).weight.detach().contiguous() for e in block.experts]
+    ffn = w_out[0].shape[1]
+    xs = [rnd(n, w.shape[1]) for n, w in zip(counts, w_in)]
+    hs = [rnd(n, ffn) for n in counts]
+    grads_out = [rnd(n, w.shape[0]) for n, w in zip(counts, w_out)] if grad is not None else None
+    grads_in = [rnd(n, w.shape[0]) for n, w in zip(counts, w_in)] if grad is not None else None
+
+    def run() -> None:
+        for e in range(len(counts)):
+            torch.mm(xs[e], w_in[e].t())
+            torch.mm(hs[e], w_out[e].t())
+            if grads_out is not None:
+                torch.mm(grads_out[e], w_out[e])  # grad of the output projection's input
+                torch.mm(grads_out[e].t(), hs[e])  # grad of its weight
+                torch.mm(grads_in[e], w_in[e])  # grad of the expert's input
+                torch.mm(grads_in[e].t(), xs[e])  # grad of the (fused) input weights
 
     return run
 

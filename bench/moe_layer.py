@@ -10,6 +10,7 @@ variant                what runs
 ``moe``                ``SparseMoeBlock`` (E experts, top-k), dropless
 ``experts_only``       only ``moe``'s experts, on pre-gathered slices of the same routing
 ``gemm_ceiling``       plain ``torch.mm`` calls of the FFN's matmuls on k x S rows
+``expert_gemm_floor``  only the experts' GEMMs (per expert, gate+up fused), no other work
 ``mixtral_<impl>``     ``transformers``' ``MixtralSparseMoeBlock`` (SwiGLU only), per experts implementation
 ``moe_cf1.5``          ``SparseMoeBlock`` with capacity factor 1.5 (train and eval)
 ``deepspeed_einsum``   the DeepSpeed-style one-hot einsum dispatch, capacity factor 1.5
@@ -53,6 +54,7 @@ TARGETS = (
         "name": "speedup_vs_mixtral",
         "metric": "speedup_vs_mixtral_fastest",
         "bound": "bound_speedup_vs_mixtral",
+        "ceiling": "ceiling_speedup_vs_mixtral",
         "op": ">=",
         "threshold": 1.10,
         "where": {"min_tokens": 512, "activation": ("swiglu",)},  # Mixtral's experts are SwiGLU
@@ -396,6 +398,10 @@ class _Case:
         calls = {name: make(module) for name, module in modules.items()}
         if "experts_only" not in skipped:
             calls["experts_only"] = layers.experts_only_fn(self.moe, x, grad)
+        if "expert_gemm_floor" not in skipped:
+            floor = layers.expert_gemm_floor_fn(self.moe, x, grad)
+            if floor is not None:
+                calls["expert_gemm_floor"] = floor
         if "gemm_ceiling" not in skipped:
             calls["gemm_ceiling"] = layers.gemm_ceiling_fn(
                 self.activation,
@@ -484,6 +490,11 @@ class _Case:
                 row["bound_speedup_vs_mixtral"] = paired_ratio(
                     samples[row["mixtral_fastest"]], samples["experts_only"]
                 )
+        # What any implementation at all could reach: the experts' GEMMs and no other work.
+        if "expert_gemm_floor" in samples and "mixtral_fastest" in row:
+            row["ceiling_speedup_vs_mixtral"] = paired_ratio(
+                samples[row["mixtral_fastest"]], samples["expert_gemm_floor"]
+            )
 
         flops_fwd = layers.ffn_matmul_flops_per_token(self.activation, cfg.d_model, cfg.ffn)
         passes = 3 if backward else 1  # backward = 2 x forward matmul FLOPs
@@ -583,6 +594,14 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                 # code can meet the target with these experts on this machine.
                 verdict["bound"] = bound
                 verdict["bound_met"] = bound <= threshold if target["op"] == "<=" else bound >= threshold
+            ceiling = row.get(target.get("ceiling") or "", {}).get("median")
+            if ceiling is not None:
+                # The metric for the experts' GEMMs alone: if even that misses, no implementation
+                # built on this machine's GEMM kernels can meet the target.
+                verdict["ceiling"] = ceiling
+                verdict["ceiling_met"] = (
+                    ceiling <= threshold if target["op"] == "<=" else ceiling >= threshold
+                )
             verdicts.append(verdict)
     return verdicts
 
@@ -718,6 +737,8 @@ def format_table(result: dict) -> str:
         bound = ""
         if "bound" in v:
             bound = f"; experts alone {v['bound']:.3f}" + ("" if v["bound_met"] else " (misses too)")
+        if "ceiling" in v:
+            bound += f"; GEMMs alone {v['ceiling']:.3f}" + ("" if v["ceiling_met"] else " (unattainable)")
         lines.append(
             f"  {verdict}  {v['target']:28s} {v['case']:32s} {v['value']:.3f} {v['op']} {v['threshold']:.2f}"
             f"  (margin {v['margin']:+.1%}; min {v['min']:.3f} max {v['max']:.3f}{bound})"

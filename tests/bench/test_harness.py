@@ -105,6 +105,40 @@ def test_experts_only_and_gemm_ceiling_run():
     assert layers.ffn_matmul_flops_per_token("swiglu", 32, 64) == 2 * 3 * 32 * 64
 
 
+def test_expert_gemm_floor_runs_the_experts_gemms_only(monkeypatch):
+    block = _block()
+    x, grad = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(
+        torch, "mm", lambda a, b: calls.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b)
+    )
+    layers.expert_gemm_floor_fn(block, x, None)()
+    forward_calls = list(calls)
+    calls.clear()
+    layers.expert_gemm_floor_fn(block, x, grad)()
+    monkeypatch.undo()
+    index, _ = layers.reference_routing(block, x)
+    counts = torch.bincount(index.reshape(-1), minlength=block.num_experts).tolist()
+    ffn = block.experts[0].down_proj.in_features
+    # forward: per expert one fused (gate; up) GEMM and the down projection, on its routed rows
+    assert forward_calls == [
+        shape for n in counts for shape in (((n, 32), (32, 2 * ffn)), ((n, ffn), (ffn, 32)))
+    ]
+    assert len(calls) == 6 * block.num_experts  # + input and weight gradients of both GEMMs
+    assert all(p.grad is None for p in block.parameters())  # nothing of the block itself runs
+
+    class Custom(torch.nn.Module):  # no recognised layout: no floor
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(32, 32)
+
+        def forward(self, h):
+            return self.inner(h)
+
+    assert layers.expert_gemm_floor_fn(SparseMoeBlock.from_dense(Custom(), num_experts=2), x, None) is None
+
+
 def test_target_verdicts_margin_and_applicability():
     def row(tokens, mode, dtype, ratio, mixtral):
         stats = lambda v: {"median": v, "min": v, "max": v, "n": 1}  # noqa: E731
@@ -115,6 +149,7 @@ def test_target_verdicts_margin_and_applicability():
             "mode": mode,
             "ratio_moe_vs_k_dense": stats(ratio),
             "speedup_vs_mixtral_fastest": stats(mixtral),
+            "ceiling_speedup_vs_mixtral": stats(mixtral * 1.05),
         }
 
     verdicts = moe_layer.evaluate_targets(
@@ -127,4 +162,9 @@ def test_target_verdicts_margin_and_applicability():
     assert ("moe_vs_k_dense", "swiglu/float32/S=512/fwd_bwd") not in by_case  # only from 2048 tokens
     assert by_case[("speedup_vs_mixtral", "swiglu/float32/S=512/fwd_bwd")]["met"] is True
     assert by_case[("speedup_vs_mixtral", "swiglu/bfloat16/S=2048/fwd_bwd")]["met"] is False
+    # the GEMMs-alone ceiling says whether the target is attainable at all
+    assert by_case[("speedup_vs_mixtral", "swiglu/float32/S=512/fwd_bwd")]["ceiling_met"] is True
+    unattainable = by_case[("speedup_vs_mixtral", "swiglu/bfloat16/S=2048/fwd_bwd")]
+    assert unattainable["ceiling"] == 1.05 and unattainable["ceiling_met"] is False
+    assert "ceiling" not in dense_bf16
     assert all(v["target"] != "speedup_vs_deepspeed_einsum" for v in verdicts)

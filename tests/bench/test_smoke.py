@@ -25,7 +25,15 @@ ARGS = [
     "0",
     "--keep-loaded-rounds",  # CI machines are shared: never wait for them to go quiet
 ]
-VARIANTS = {"dense", "moe", "experts_only", "gemm_ceiling", "moe_cf1.5", "deepspeed_einsum"}
+VARIANTS = {
+    "dense",
+    "moe",
+    "experts_only",
+    "expert_gemm_floor",
+    "gemm_ceiling",
+    "moe_cf1.5",
+    "deepspeed_einsum",
+}
 MIXTRAL = {"mixtral_eager", "mixtral_grouped_mm", "mixtral_batched_mm"}
 
 
@@ -92,3 +100,4 @@ def test_environment_drop_rates_and_target_verdicts(quick_result):
     assert len(mixtral) == 4
     for v in mixtral:
         assert isinstance(v["met"], bool) and v["threshold"] == 1.10 and "margin" in v
+        assert v["ceiling"] > 0 and isinstance(v["ceiling_met"], bool)
