@@ -9,19 +9,29 @@ whole call (image encoding and prefill included).
 
 Target: (MoE tokens/s) / (dense tokens/s) >= 0.9 x (dense FLOPs / MoE FLOPs) of the same call,
 i.e. the MoE model may lose at most 10% against what its extra FLOPs alone would cost.
+
+Each case also times one decode step's FFN work at the first MoE layer (``batch`` rows, caches
+flushed before every call, as they are when the whole model runs between two visits): the dense
+FFN, the MoE block, and the block's experts alone on pre-gathered rows (no routing or dispatch).
+From it, ``bound_tokens_per_s_ratio``: the tokens/s ratio the MoE model would reach if routing
+and dispatch cost nothing, T_dense_call / (T_dense_call + decode steps x MoE layers x
+(T_experts_alone - T_dense_ffn)). Where that bound is below the target, the experts' own GEMMs
+(small-row, weight-read bound) miss it and no dispatch code can meet it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
-from bench import common, flops, models
+from bench import common, flops, layers, models
 from bench import device as device_lib
 from bench.timing import LoadMonitor, paired_ratio, summarize
+from moe_llava.model.moe import moe_blocks, router_losses_disabled
 
 NAME = "generation"
 TARGET_TEXT = "(MoE tokens/s) / (dense tokens/s) >= 0.9 x FLOPs_dense / FLOPs_moe, same generate call"
@@ -45,6 +55,8 @@ class GenerationBenchConfig:
     max_waiting_cores: float | None = 0.15
     max_rounds_factor: int = 3
     max_quiet_wait_s: float = 30.0
+    ffn_step_repeats: int = 31  # rounds of the decode-step FFN timing (a few ms per call)
+    cache_flush_mib: int = 64  # bytes written before each decode-step call: more than the L3 cache
 
 
 FULL = GenerationBenchConfig()
@@ -58,6 +70,7 @@ QUICK = GenerationBenchConfig(
     warmup=1,
     max_rounds_factor=2,
     max_quiet_wait_s=5.0,
+    ffn_step_repeats=7,
 )
 
 
@@ -73,6 +86,54 @@ def _generate(model, prompt: dict, new_tokens: int) -> torch.Tensor:
         eos_token_id=None,  # no EOS stopping: every sequence gets exactly new_tokens tokens
         pad_token_id=0,
     )
+
+
+def _decode_ffn_step(cfg, batch_size: int, dense, moe, device) -> dict:
+    """Time one decode step's FFN at the first MoE layer: dense FFN, MoE block, experts alone."""
+    name, block = moe_blocks(moe)[0]
+    dense_ffn = dense.get_submodule(name)  # upcycling replaced exactly this module
+    d_model = block.router.in_features
+    weight = next(block.experts.parameters())
+    generator = torch.Generator().manual_seed(cfg.seed + 100 + batch_size)
+    x = torch.randn(batch_size, 1, d_model, generator=generator).to(device=device, dtype=weight.dtype)
+    flush = torch.zeros(cfg.cache_flush_mib * 2**20 // 4, device=device)
+
+    def run_dense():
+        with torch.no_grad():
+            dense_ffn(x)
+
+    def run_moe():
+        with torch.no_grad():
+            block(x)
+
+    variants = {
+        "dense_ffn": run_dense,
+        "moe_block": run_moe,
+        "experts_alone": layers.experts_only_fn(block, x, None),
+    }
+    step_cfg = dataclasses.replace(cfg, repeats=cfg.ffn_step_repeats)
+    with router_losses_disabled(moe):  # as generate runs the blocks
+        timing, info = common.timed_case(
+            variants, step_cfg, device, before_each=lambda _name: flush.add_(1.0)
+        )
+    samples = timing.samples
+    steps, n_moe = cfg.new_tokens - 1, len(moe_blocks(moe))
+    return {
+        "layer": name,
+        "rows": batch_size,
+        "decode_steps": steps,
+        "moe_layers": n_moe,
+        "top_k": block.top_k,
+        "times_ms": timing.stats_ms(),
+        "experts_alone_vs_dense_ffn": paired_ratio(samples["experts_alone"], samples["dense_ffn"]),
+        "moe_block_vs_dense_ffn": paired_ratio(samples["moe_block"], samples["dense_ffn"]),
+        "moe_block_vs_experts_alone": paired_ratio(samples["moe_block"], samples["experts_alone"]),
+        # the least extra time decoding needs in the MoE model with free routing and dispatch
+        "min_extra_s_per_call": steps
+        * n_moe
+        * statistics.median(e - d for e, d in zip(samples["experts_alone"], samples["dense_ffn"])),
+        **info,
+    }
 
 
 def _case(cfg, batch_size: int, dense, moe, paths_taken: set, device, log) -> tuple[dict, list[dict]]:
@@ -147,6 +208,10 @@ def _case(cfg, batch_size: int, dense, moe, paths_taken: set, device, log) -> tu
         },
         **info,
     }
+    step = _decode_ffn_step(cfg, batch_size, dense, moe, device)
+    dense_call_s = stats["dense"]["median"] / 1e3
+    row["decode_ffn_step"] = step
+    row["bound_tokens_per_s_ratio"] = dense_call_s / (dense_call_s + max(step["min_extra_s_per_call"], 0.0))
     log(_progress_line(row))
     return row, checks
 
@@ -180,7 +245,14 @@ def run(cfg: GenerationBenchConfig, log=print) -> dict:
             cfg.flop_slack * row["flop_ratio_dense_vs_moe"],
             TARGET_TEXT,
             note=f"FLOP ratio dense/MoE {row['flop_ratio_dense_vs_moe']:.3f}, "
-            f"decode weight-bytes ratio {row['decode_bytes_ratio_dense_vs_moe']:.3f}",
+            f"decode weight-bytes ratio {row['decode_bytes_ratio_dense_vs_moe']:.3f}, "
+            f"with free routing {row['bound_tokens_per_s_ratio']:.3f}"
+            + (
+                ""
+                if row["bound_tokens_per_s_ratio"] >= cfg.flop_slack * row["flop_ratio_dense_vs_moe"]
+                else " (unattainable)"
+            ),
+            bound_tokens_per_s_ratio=row["bound_tokens_per_s_ratio"],
         )
         for row in rows
     ]
@@ -205,8 +277,8 @@ def _progress_line(row: dict) -> str:
     return (
         f"[{NAME}] {row['case']:9s} dense {tps['dense']['median']:8.1f} tok/s  moe {tps['moe']['median']:8.1f} tok/s  "
         f"ratio {common.fmt(row['tokens_per_s_ratio_moe_vs_dense']['median'], '.3f')} "
-        f"(FLOP ratio {row['flop_ratio_dense_vs_moe']:.3f})  rounds {common.rounds_text(row)}"
-        + ("  CONTENDED" if row["rounds"]["contended"] else "")
+        f"(FLOP ratio {row['flop_ratio_dense_vs_moe']:.3f}, free-routing bound {row['bound_tokens_per_s_ratio']:.3f})  "
+        f"rounds {common.rounds_text(row)}" + ("  CONTENDED" if row["rounds"]["contended"] else "")
     )
 
 
@@ -242,5 +314,16 @@ def format_table(result: dict) -> str:
         "'bytes ratio': LM weight bytes a decode step reads, dense / MoE (all experts a step's tokens touch):"
     )
     lines.append("where decoding is memory-bound, tokens/s follows this rather than the FLOP ratio.")
+    lines += ["", "one decode step's FFN at the first MoE layer (caches flushed before each call), medians:"]
+    for row in result["results"]:
+        step = row["decode_ffn_step"]
+        t = step["times_ms"]
+        lines.append(
+            f"  {row['case']:9s} dense FFN {t['dense_ffn']['median']:7.3f} ms  MoE block {t['moe_block']['median']:7.3f} ms  "
+            f"experts alone {t['experts_alone']['median']:7.3f} ms  experts/dense "
+            f"{step['experts_alone_vs_dense_ffn']['median']:.2f}x (FLOPs {step['top_k']}x)  "
+            f"block/experts {step['moe_block_vs_experts_alone']['median']:.3f}  "
+            f"tokens/s ratio with free routing <= {row['bound_tokens_per_s_ratio']:.3f}"
+        )
     lines += ["", *common.checks_lines(result["checks"]), "", *common.verdict_lines(result["targets"])]
     return "\n".join(lines)

@@ -84,9 +84,20 @@ def test_generation_quick(generation):
         assert row["prompt_tokens"] == 1 + 64 + 4  # leading token, the image's tokens, the text
         assert set(row["tokens_per_s_ratio_moe_vs_dense"]) == STATS
         assert 0 < row["flop_ratio_dense_vs_moe"] < 1
+        step = row["decode_ffn_step"]  # one decode step's FFN at the first MoE layer
+        assert step["layer"].endswith("layers.0.mlp") and step["rows"] == row["batch_size"]
+        assert step["decode_steps"] == 2 and step["moe_layers"] == 2 and step["top_k"] == 2
+        assert set(step["times_ms"]) == {"dense_ffn", "moe_block", "experts_alone"}
+        for key in ("experts_alone_vs_dense_ffn", "moe_block_vs_dense_ffn", "moe_block_vs_experts_alone"):
+            assert set(step[key]) == STATS and step[key]["median"] > 0
+        dense_s = row["times_ms"]["dense"]["median"] / 1e3
+        expected = dense_s / (dense_s + max(step["min_extra_s_per_call"], 0.0))
+        assert row["bound_tokens_per_s_ratio"] == pytest.approx(expected) and 0 < expected <= 1
     names = [c["name"] for c in generation["checks"]]
     assert names.count("upcycling_identity") == 2 and names.count("fixed_new_tokens") == 2
     assert [v["target"] for v in generation["targets"]] == ["moe_tokens_per_s_vs_flops"] * 2
+    for v, row in zip(generation["targets"], generation["results"]):
+        assert v["bound_tokens_per_s_ratio"] == row["bound_tokens_per_s_ratio"] and "free routing" in v["note"]
 
 
 def test_data_quick(tmp_path_factory):

@@ -64,12 +64,26 @@ def reference_moe(block: SparseMoeBlock, x: torch.Tensor, capacity: int | None, 
     return out.view_as(x), kept, choices
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0, 1.5])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0, 1.5, 2.0])
 def test_routing_matches_loop_reference(capacity_factor):
     block = distinct_block(capacity_factor=capacity_factor).train()
     x = torch.randn(3, 8, D)
     expected, _, _ = reference_moe(block, x, block.capacity(24))
     torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_of_at_least_the_token_count_equals_dropless():
+    # cf 2.0, top-2 of 4 (MoE-LLaVA's evaluation setting): C = S, and no expert can get more than
+    # S assignments, so the block runs as dropless (no capacity bookkeeping), bit for bit.
+    capped = distinct_block(capacity_factor=2.0).train()
+    dropless = distinct_block(capacity_factor=None).train()
+    x = torch.randn(2, 5, D)
+    assert capped.capacity(10) == 10
+    out = capped(x)
+    torch.testing.assert_close(out, dropless(x), atol=0, rtol=0)
+    assert torch.equal(capped.last_stats.kept, capped.last_stats.assigned)
+    assert capped.last_stats.drop_fraction == 0.0
+    torch.testing.assert_close(capped.aux_loss, dropless.aux_loss)
 
 
 def test_capacity_drop_order_top1_before_top2_in_token_order():
@@ -284,3 +298,19 @@ def test_router_stats_are_computed_on_first_read_and_describe_the_latest_forward
         probs = block.router(second.view(-1, D).float()).softmax(-1)
     assert torch.equal(stats.top1, torch.bincount(probs.argmax(-1), minlength=4))
     assert stats.entropy > 0 and not stats.entropy.requires_grad
+
+
+def test_inference_skips_experts_without_tokens_training_runs_them_all():
+    block = distinct_block().eval()
+    x = torch.randn(1, 1, D)  # one token: top-2 of 4, so two experts get nothing
+    calls = []
+    for i, expert in enumerate(block.experts):
+        expert.register_forward_hook(lambda module, args, out, i=i: calls.append(i))
+    with torch.no_grad():
+        inferred = block(x)
+    chosen = sorted(block.last_stats.assigned.nonzero().flatten().tolist())
+    assert sorted(calls) == chosen and len(chosen) == 2
+    calls.clear()
+    with_grad = block(x)  # autograd on: every expert is in the graph (DDP without unused parameters)
+    assert sorted(calls) == [0, 1, 2, 3]
+    torch.testing.assert_close(inferred, with_grad.detach(), atol=0, rtol=0)

@@ -8,8 +8,9 @@ does differently from the reference:
 
 * dispatch sorts token copies by expert and gathers them (cost linear in tokens), instead of the
   one-hot ``einsum`` over a (tokens x experts x capacity) tensor (quadratic in tokens);
-* every expert runs every step, on a possibly empty slice, so all parameters take part in the
-  autograd graph and plain DDP needs no ``find_unused_parameters``;
+* with autograd on, every expert runs every step, on a possibly empty slice, so all parameters
+  take part in the graph and plain DDP needs no ``find_unused_parameters`` (inference skips
+  experts that got no token);
 * capacity ``None`` means dropless; second-expert Gumbel noise is optional and training-only;
 * the experts run one of two ways, chosen per forward (:meth:`SparseMoeBlock._expert_path`):
   ``loop`` calls each expert module on its slice (any FFN; the fastest way on CPU, where a
@@ -230,16 +231,18 @@ class SparseMoeBlock(nn.Module):
         valid = None if self.count_padding else flat(self.padding_mask)
         return valid, flat(self.modality_mask)
 
-    def _select_experts(self, logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """(S, k) expert indices: argmax first, then the best of the rest (optionally Gumbel-noised)."""
+    def _select_experts(self, logits: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, k) probabilities and indices of the chosen experts: argmax first, then the best of
+        the rest (optionally Gumbel-noised)."""
         if not (self.second_expert_noise and self.training and self.top_k > 1):
-            return probs.topk(self.top_k, dim=-1).indices
+            return probs.topk(self.top_k, dim=-1)
         first = probs.argmax(dim=-1, keepdim=True)
         uniform = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
         noisy = logits - torch.log(-torch.log(uniform))
         noisy = noisy.scatter(1, first, float("-inf"))
         rest = noisy.topk(self.top_k - 1, dim=-1).indices
-        return torch.cat([first, rest], dim=-1)
+        indices = torch.cat([first, rest], dim=-1)
+        return probs.gather(1, indices), indices
 
     def capacity(self, num_tokens: int) -> int | None:
         """Slots per expert for ``num_tokens`` routed tokens, or None when dropless."""
@@ -334,8 +337,7 @@ class SparseMoeBlock(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 even under bf16 autocast
             logits = F.linear(x.float(), self.router.weight.float())  # (S, E)
         probs = logits.softmax(dim=-1)
-        topk_idx = self._select_experts(logits, probs)  # (S, k)
-        topk_prob = probs.gather(1, topk_idx)
+        topk_prob, topk_idx = self._select_experts(logits, probs)  # (S, k) each
 
         # Assignments in priority order: all rank-0 (top-1) choices in token order, then rank-1, ...
         flat_expert = topk_idx.t().reshape(-1)  # (k*S,)
@@ -346,6 +348,10 @@ class SparseMoeBlock(nn.Module):
         num_tokens = num_slots if valid is None else int(valid.sum())
 
         capacity = self.capacity(num_tokens)
+        if capacity is not None and capacity >= num_tokens:
+            # A token's k experts are distinct, so no expert can get more than num_tokens
+            # assignments: this capacity drops nothing (e.g. evaluation at factor 2.0, top-2 of 4).
+            capacity = None
         if capacity is None and valid is None:
             # Dropless without padding (inference, the default): every assignment is kept, so the
             # capacity bookkeeping below is the identity; skip its dozen small ops and host syncs.
@@ -381,14 +387,21 @@ class SparseMoeBlock(nn.Module):
         else:
             counts = kept.tolist()
             expert_inputs = x.index_select(0, token_idx).split(counts)
-            # Every expert runs, even on zero tokens, so all of them are in the autograd graph. Each
-            # expert's output is scaled and added into `out` on its own: no concatenated (k*S, d)
-            # copy and no full-size product, which at large S are fresh page-faulting allocations.
+            # With autograd every expert runs, even on zero tokens, so all of them are in the graph
+            # (plain DDP needs no find_unused_parameters). Without it (inference) empty experts are
+            # skipped, which is most of them when decoding one token, and the gate scales each
+            # expert's fresh output in place. Each expert's output is added into `out` on its own:
+            # no concatenated (k*S, d) copy and no full-size product, which at large S are fresh
+            # page-faulting allocations.
+            inference = not torch.is_grad_enabled()
             out = x.new_zeros(x.shape, dtype=_output_dtype(x))
-            chunks = zip(self.experts, expert_inputs, token_idx.split(counts), gate.split(counts))
-            for expert, chunk, idx, g in chunks:
-                expert_out = expert(chunk)
-                out.index_add_(0, idx, (expert_out * g.unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
+            gate = gate.to(out.dtype).unsqueeze(-1)
+            chunks = zip(self.experts, expert_inputs, token_idx.split(counts), gate.split(counts), counts)
+            for expert, chunk, idx, g, count in chunks:
+                if inference and count == 0:
+                    continue
+                expert_out = expert(chunk).to(out.dtype)
+                out.index_add_(0, idx, expert_out.mul_(g) if inference else expert_out * g)
 
         self._record_losses_and_stats(logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept)
         return out.view(hidden_states.shape)
