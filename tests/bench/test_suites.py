@@ -97,7 +97,9 @@ def test_generation_quick(generation):
     assert names.count("upcycling_identity") == 2 and names.count("fixed_new_tokens") == 2
     assert [v["target"] for v in generation["targets"]] == ["moe_tokens_per_s_vs_flops"] * 2
     for v, row in zip(generation["targets"], generation["results"]):
-        assert v["bound_tokens_per_s_ratio"] == row["bound_tokens_per_s_ratio"] and "free routing" in v["note"]
+        assert (
+            v["bound_tokens_per_s_ratio"] == row["bound_tokens_per_s_ratio"] and "free routing" in v["note"]
+        )
 
 
 def test_data_quick(tmp_path_factory):
