@@ -216,6 +216,22 @@ def _case(cfg, batch_size: int, dense, moe, paths_taken: set, device, log) -> tu
     return row, checks
 
 
+def _verdict(row: dict, threshold: float) -> dict:
+    bound = row["bound_tokens_per_s_ratio"]
+    return common.verdict(
+        "moe_tokens_per_s_vs_flops",
+        row["case"],
+        row["tokens_per_s_ratio_moe_vs_dense"],
+        ">=",
+        threshold,
+        TARGET_TEXT,
+        note=f"FLOP ratio dense/MoE {row['flop_ratio_dense_vs_moe']:.3f}, "
+        f"decode weight-bytes ratio {row['decode_bytes_ratio_dense_vs_moe']:.3f}, "
+        f"with free routing {bound:.3f}" + ("" if bound >= threshold else " (unattainable)"),
+        bound_tokens_per_s_ratio=bound,
+    )
+
+
 def run(cfg: GenerationBenchConfig, log=print) -> dict:
     start = time.perf_counter()
     device = device_lib.select_device(cfg.device)
@@ -236,26 +252,7 @@ def run(cfg: GenerationBenchConfig, log=print) -> dict:
             row, case_checks = _case(cfg, batch_size, dense, moe, paths_taken, device, log)
             rows.append(row)
             checks.extend(case_checks)
-    verdicts = [
-        common.verdict(
-            "moe_tokens_per_s_vs_flops",
-            row["case"],
-            row["tokens_per_s_ratio_moe_vs_dense"],
-            ">=",
-            cfg.flop_slack * row["flop_ratio_dense_vs_moe"],
-            TARGET_TEXT,
-            note=f"FLOP ratio dense/MoE {row['flop_ratio_dense_vs_moe']:.3f}, "
-            f"decode weight-bytes ratio {row['decode_bytes_ratio_dense_vs_moe']:.3f}, "
-            f"with free routing {row['bound_tokens_per_s_ratio']:.3f}"
-            + (
-                ""
-                if row["bound_tokens_per_s_ratio"] >= cfg.flop_slack * row["flop_ratio_dense_vs_moe"]
-                else " (unattainable)"
-            ),
-            bound_tokens_per_s_ratio=row["bound_tokens_per_s_ratio"],
-        )
-        for row in rows
-    ]
+    verdicts = [_verdict(row, cfg.flop_slack * row["flop_ratio_dense_vs_moe"]) for row in rows]
     result = {
         "suite": NAME,
         "schema_version": 1,
