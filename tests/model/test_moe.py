@@ -159,6 +159,23 @@ def test_aux_loss_formula_against_direct_computation():
     torch.testing.assert_close(block.aux_loss, 4 * (probs.mean(0) * frac).sum())
 
 
+def test_router_losses_are_computed_on_first_read_for_the_latest_forward():
+    block = distinct_block(num_experts=4, top_k=2).train()
+    first, second = torch.randn(1, 5, D), torch.randn(2, 7, D)
+    block(first)
+    assert block._losses is None  # nobody has read them: not computed
+    out = block(second)
+    aux, z = block.aux_loss, block.z_loss
+    assert block.aux_loss is aux and block.z_loss is z  # computed once, then kept
+    logits = second.reshape(-1, D) @ block.router.weight.t()
+    probs = torch.softmax(logits, -1)
+    frac = torch.bincount(probs.argmax(-1), minlength=4).float() / probs.shape[0]
+    torch.testing.assert_close(aux, 4 * (probs.mean(0) * frac).sum())
+    torch.testing.assert_close(z, torch.logsumexp(logits, -1).square().mean())
+    (out.square().mean() + aux + z).backward()  # read after the forward, still in its graph
+    assert block.router.weight.grad.abs().sum() > 0
+
+
 def test_gradients_reach_router_and_every_expert_even_without_tokens():
     block = distinct_block(num_experts=4, top_k=1).train()
     with torch.no_grad():  # route every token to expert 0: experts 1..3 get no tokens
