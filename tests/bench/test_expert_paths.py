@@ -95,7 +95,9 @@ def _forced(block, path):
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("capacity_factor", "padding"), [(None, False), (0.5, False), (1.5, True)])
-def test_in_place_loop_equals_calling_the_expert_modules_bit_for_bit(activation, dtype, capacity_factor, padding):
+def test_in_place_loop_equals_calling_the_expert_modules_bit_for_bit(
+    activation, dtype, capacity_factor, padding
+):
     modules, _ = _pair(activation, dtype, capacity_factor=capacity_factor)
     modules._expert_path_override = "loop"
     inplace = _forced(modules, "loop_inplace")

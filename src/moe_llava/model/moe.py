@@ -74,9 +74,9 @@ _GROUPED_LAYOUTS = {
     "gated": (("gate_proj", "up_proj"), "down_proj", "act_fn"),
     "plain": (("fc1",), "fc2", "activation_fn"),
 }
-_MIN_GROUPED_CAPABILITY = (9, 0)
+_MIN_GROUPED_CAPABILITY = (9, 0)  # Hopper: where torch's bf16 grouped GEMM kernels are the fast path
 # How SparseMoeBlock can run its experts (see SparseMoeBlock._expert_path).
-EXPERT_PATHS = ("loop", "loop_inplace", "grouped_mm")  # Hopper: where torch's bf16 grouped GEMM kernels are the fast path
+EXPERT_PATHS = ("loop", "loop_inplace", "grouped_mm")
 
 
 def _grouped_mm():
@@ -504,7 +504,9 @@ class SparseMoeBlock(nn.Module):
         self._losses = None
         self._pending_losses = (logits, probs, topk_idx, valid, num_tokens) if self.compute_losses else None
 
-    def _compute_losses(self, logits, probs, topk_idx, valid, num_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute_losses(
+        self, logits, probs, topk_idx, valid, num_tokens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(aux_loss, z_loss): the Switch/GShard balance loss on top-1 counts before dropping
         (minimum 1.0 when balanced) and the ST-MoE router z-loss."""
         if valid is not None:
