@@ -265,7 +265,7 @@ def run(cfg: E2EBenchConfig, log=print) -> dict:
         "config": dataclasses.asdict(cfg),
         # The tiny_cpu trainer runs on the CPU: stage 3's MoE blocks take the path they pick there.
         "environment": common.environment(
-            torch.device("cpu"), moe_expert_path=models.expert_paths_for("cpu"), load=load.as_dict()
+            torch.device("cpu"), moe_expert_path=[models.expert_path_for("cpu")], load=load.as_dict()
         ),
         "data": {"source": source, "root": str(root)},
         "overrides": pipeline_overrides(cfg, root, Path("<run_dir>")),

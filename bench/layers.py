@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_llava.model.moe import _GROUPED_LAYOUTS, SparseMoeBlock, _expert_inplace, _grouped_layout
+from moe_llava.model.moe import _GROUPED_LAYOUTS, SparseMoeBlock, _grouped_layout
 
 ACTIVATIONS = ("swiglu", "gelu")
 MIXTRAL_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -191,10 +191,9 @@ def einsum_moe_bytes(tokens: int, num_experts: int, capacity_factor: float, back
 def experts_only_fn(block: SparseMoeBlock, x: torch.Tensor, grad: torch.Tensor | None):
     """A callable running only ``block``'s experts on the token slices ``block`` routes to them.
 
-    The slices are gathered once, outside the timed call, from the same dropless routing; the
-    experts run the way ``block`` runs them in that mode (``loop_inplace`` without autograd when
-    it picks it there, else calling the expert modules); with ``grad`` the call also runs the
-    experts' backward. Time(moe) - time(this) is what routing, dispatch, combine and statistics cost.
+    The slices are gathered once, outside the timed call, from the same dropless routing; with
+    ``grad`` the call also runs the experts' backward. Time(moe) - time(this) is what routing,
+    dispatch, combine and statistics cost.
     """
     index, _ = reference_routing(block, x)
     tokens = x.reshape(-1, x.shape[-1])
@@ -208,15 +207,12 @@ def experts_only_fn(block: SparseMoeBlock, x: torch.Tensor, grad: torch.Tensor |
         grads = [
             chunk.contiguous() for chunk in flat_grad.index_select(0, order % tokens.shape[0]).split(counts)
         ]
-    with torch.set_grad_enabled(grad is not None):
-        path = block._expert_path(tokens)
-    layout = block._experts_layout() if path == "loop_inplace" else None
 
     def run() -> None:
         if grads is None:
             with torch.no_grad():
                 for expert, chunk in zip(block.experts, inputs):
-                    _expert_inplace(expert, chunk, layout) if layout else expert(chunk)
+                    expert(chunk)
             return
         outputs = [
             expert(chunk.detach().requires_grad_(True)) for expert, chunk in zip(block.experts, inputs)

@@ -110,7 +110,7 @@ def dropless(model):
 
 def record_expert_paths(model) -> set[str]:
     """A set that fills with the expert path each MoE block of ``model`` takes on every forward from
-    now on (see ``moe_llava.model.moe.EXPERT_PATHS``): what was really measured, not what a probe would pick."""
+    now on (``loop`` / ``grouped_mm``): what was really measured, not what a probe would pick."""
     taken: set[str] = set()
     for _, block in moe_blocks(model):
         decide = block._expert_path
@@ -124,15 +124,14 @@ def record_expert_paths(model) -> set[str]:
     return taken
 
 
-def expert_paths_for(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
-    """The expert paths ``SparseMoeBlock`` picks for Llama-style experts on ``device`` / ``dtype``,
-    training (autograd on) and inference (off)."""
+def expert_path_for(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """The expert path ``SparseMoeBlock`` picks for Llama-style experts on ``device`` / ``dtype``."""
     from bench.layers import make_dense_ffn
     from moe_llava.model.moe import SparseMoeBlock
 
     block = SparseMoeBlock.from_dense(make_dense_ffn("swiglu", 64, 128), num_experts=4, top_k=2)
     block = block.to(device=device, dtype=dtype)
-    return expert_paths_of_blocks([block], dtype)
+    return expert_paths_of_blocks([block], dtype)[0]
 
 
 def expert_paths_of_blocks(blocks, dtype: torch.dtype) -> list[str]:
@@ -141,9 +140,7 @@ def expert_paths_of_blocks(blocks, dtype: torch.dtype) -> list[str]:
         weight = next(block.experts.parameters())
         probe = torch.zeros(2, block.router.in_features, device=weight.device, dtype=dtype)
         decide = getattr(block, "_expert_path", None)
-        for autograd in (True, False):
-            with torch.set_grad_enabled(autograd):
-                paths.add(decide(probe) if decide is not None else "loop")
+        paths.add(decide(probe) if decide is not None else "loop")
     return sorted(paths)
 
 

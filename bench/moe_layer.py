@@ -33,7 +33,7 @@ from bench import device as device_lib
 from bench import layers
 from bench.memory import peak_memory_bytes
 from bench.timing import LoadMonitor, paired_ratio, summarize, time_interleaved
-from moe_llava.model.moe import EXPERT_PATHS, SparseMoeBlock, _grouped_layout
+from moe_llava.model.moe import SparseMoeBlock, _grouped_layout
 
 NAME = "moe_layer"
 MODES = ("fwd", "fwd_bwd")
@@ -117,6 +117,7 @@ QUICK = LayerBenchConfig(
     max_rounds_factor=2,
     max_quiet_wait_s=5.0,
 )
+EXPERT_PATHS = ("loop", "grouped_mm")
 
 
 def config_from_options(quick: bool = False, **overrides) -> LayerBenchConfig:
@@ -156,12 +157,10 @@ def _max_rel_diff(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None = 
     return diff, diff / max(float(b.abs().max()), 1e-12)
 
 
-def moe_expert_path(block: SparseMoeBlock, x: torch.Tensor, autograd: bool) -> str:
-    """How ``block`` computes its experts for input ``x`` with autograd on or off (the block
-    decides; this only asks it)."""
+def moe_expert_path(block: SparseMoeBlock, x: torch.Tensor) -> str:
+    """How ``block`` computes its experts for input ``x`` (the block decides; this only asks it)."""
     decide = getattr(block, "_expert_path", None)
-    with torch.set_grad_enabled(autograd):
-        return decide(x) if decide is not None else "loop"
+    return decide(x) if decide is not None else "loop"
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -190,12 +189,12 @@ class _Case:
         self.checks: list[dict] = []
         self._check_upcycling_identity()
         layers.perturb_experts(self.moe, seed=cfg.seed + 1)
-        # SparseMoeBlock forced onto each expert path it can take (shown where it is not the
-        # automatic choice for the mode; `loop_inplace` exists without autograd only).
         self.moe_forced: dict[str, SparseMoeBlock] = {}
         if cfg.compare_paths:
+            probe = self._input(8, cfg.seed)
+            auto = moe_expert_path(self.moe, probe)
             for path in EXPERT_PATHS:
-                if path == "loop" or _grouped_layout(self.moe.experts) is not None:
+                if path != auto and (path != "grouped_mm" or _grouped_layout(self.moe.experts) is not None):
                     forced = copy.deepcopy(self.moe)
                     forced._expert_path_override = path
                     self.moe_forced[path] = forced
@@ -253,10 +252,6 @@ class _Case:
             if name in self.broken:
                 continue
             try:
-                if name == "moe[loop_inplace]":  # inference only
-                    with torch.no_grad():
-                        module.eval()(x)
-                    continue
                 module.train()(x.detach().requires_grad_(True)).backward(grad)
             except (RuntimeError, NotImplementedError, ValueError) as err:
                 self.broken[name] = f"fails here: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -272,10 +267,9 @@ class _Case:
         with torch.no_grad():
             self.moe.eval()
             ours = self.moe(x)
-            auto = moe_expert_path(self.moe, x, autograd=False)
             index, weights = layers.reference_routing(self.moe, x)
             for path, forced in self.moe_forced.items():
-                if f"moe[{path}]" in skipped or path == auto:
+                if f"moe[{path}]" in skipped:
                     continue
                 abs_diff, rel = _max_rel_diff(forced.eval()(x), ours)
                 self.checks.append(
@@ -375,9 +369,8 @@ class _Case:
         backward = grad is not None
         skipped = self.skipped_for(tokens, backward)
         modules = {"dense": self.dense, "moe": self.moe}
-        auto = moe_expert_path(self.moe, x, autograd=backward)
         for path, forced in self.moe_forced.items():
-            if f"moe[{path}]" not in skipped and path != auto and not (backward and path == "loop_inplace"):
+            if f"moe[{path}]" not in skipped:
                 modules[f"moe[{path}]"] = forced
         for impl, module in self.mixtral.items():
             if f"mixtral_{impl}" not in skipped:
@@ -453,7 +446,7 @@ class _Case:
             "dtype": self.dtype_name,
             "tokens": tokens,
             "mode": mode,
-            "expert_path": moe_expert_path(self.moe, x, autograd=backward),
+            "expert_path": moe_expert_path(self.moe, x),
             "times_ms": timing.stats_ms(),
             "minor_page_faults": timing.median_faults(),
             "skipped": skipped,
@@ -515,9 +508,9 @@ class _Case:
             if row["times_ms"][name]["median"]
         }
         row["gflops"] = gflops
-        ceiling = gflops["gemm_ceiling"]
+        ceiling = gflops.get("gemm_ceiling")  # absent when skipped
         row["gemm_fraction"] = {
-            name: value / ceiling for name, value in gflops.items() if name != "gemm_ceiling"
+            name: value / ceiling for name, value in gflops.items() if ceiling and name != "gemm_ceiling"
         }
 
         if cfg.memory:

@@ -1,8 +1,7 @@
-"""SparseMoeBlock's expert paths compute the same thing; the automatic choice is guarded.
+"""SparseMoeBlock's two expert paths compute the same thing; the automatic choice is guarded.
 
 The grouped-GEMM path is chosen automatically only on Hopper GPUs in bf16; here it is forced on
-CPU (where torch runs grouped_mm as a loop) to check it against the per-expert loop. The in-place
-functional loop is the automatic inference path on CPU.
+CPU (where torch runs grouped_mm as a loop) to check it against the per-expert loop.
 """
 
 from __future__ import annotations
@@ -76,78 +75,10 @@ def test_grouped_path_keeps_experts_without_tokens_in_the_graph():
     torch.testing.assert_close(grouped(x), out_l, atol=1e-5, rtol=1e-5)
 
 
-def test_automatic_path_on_cpu_is_the_loop_and_in_place_without_autograd():
-    for dtype in (torch.bfloat16, torch.float32):
-        block, _ = _pair("swiglu", dtype)
-        assert block._expert_path(torch.randn(4, D, dtype=dtype)) == "loop"
-        with torch.no_grad():
-            assert block._expert_path(torch.randn(4, D, dtype=dtype)) == "loop_inplace"
-            # an input the experts cannot take: calling them raises the real error
-            assert block._expert_path(torch.randn(4, D, dtype=torch.float64)) == "loop"
-
-
-def _forced(block, path):
-    forced = copy.deepcopy(block)
-    forced._expert_path_override = path
-    return forced
-
-
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("capacity_factor", "padding"), [(None, False), (0.5, False), (1.5, True)])
-def test_in_place_loop_equals_calling_the_expert_modules_bit_for_bit(
-    activation, dtype, capacity_factor, padding
-):
-    modules, _ = _pair(activation, dtype, capacity_factor=capacity_factor)
-    modules._expert_path_override = "loop"
-    inplace = _forced(modules, "loop_inplace")
-    x = torch.randn(3, 40, D, dtype=dtype)
-    if padding:
-        mask = torch.ones(3, 40, dtype=torch.bool)
-        mask[1, 25:] = False
-        modules.padding_mask = inplace.padding_mask = mask
-    with torch.no_grad():
-        expected = modules.eval()(x)
-        assert torch.equal(inplace.eval()(x), expected)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            expected = modules(x.float())
-            got = inplace(x.float())
-    assert got.dtype == expected.dtype == torch.bfloat16 and torch.equal(got, expected)
-    assert torch.equal(modules.last_stats.kept, inplace.last_stats.kept)
-
-
-def test_in_place_loop_refuses_autograd():
-    block, _ = _pair("swiglu", torch.float32)
-    block._expert_path_override = "loop_inplace"
-    with pytest.raises(ValueError, match="needs autograd off"):
-        block(torch.randn(2, 8, D))
-
-
-def test_inference_calls_the_expert_modules_when_they_have_hooks_or_other_children():
-    block, _ = _pair("swiglu", torch.float32)
-    x = torch.randn(2, 8, D)
-    calls = []
-    with torch.no_grad():
-        block(x)  # caches the layout
-        handle = block.experts[0].gate_proj.register_forward_hook(lambda *args: calls.append(1))
-        assert block._expert_path(x) == "loop"
-        block(x)
-        assert calls  # the hook saw its module called
-        handle.remove()
-        assert block._expert_path(x) == "loop_inplace"
-
-        class Scaled(nn.Module):  # a replaced child: not a plain nn.Linear any more
-            def __init__(self, linear):
-                super().__init__()
-                self.linear = linear
-
-            def forward(self, h):
-                return 2 * self.linear(h)
-
-        block.experts[2].down_proj = Scaled(block.experts[2].down_proj)
-        assert block._expert_path(x) == "loop"
-        reference = _forced(block, "loop")
-        assert torch.equal(block(x), reference(x))
+def test_automatic_path_on_cpu_is_the_loop():
+    block, _ = _pair("swiglu", torch.bfloat16)
+    assert block._expert_path(torch.randn(4, D, dtype=torch.bfloat16)) == "loop"
+    assert block._expert_path(torch.randn(4, D)) == "loop"
 
 
 def test_layout_recognition_is_strict():
@@ -171,6 +102,30 @@ def test_layout_recognition_is_strict():
     assert _grouped_layout(block.experts) == "gated"
 
 
+def test_cached_layout_follows_hooks_and_replaced_children():
+    block, grouped = _pair("swiglu", torch.float32)
+    x = torch.randn(2, 8, D)
+    assert block._experts_layout() == _grouped_layout(block.experts) == "gated"
+    handle = block.experts[0].gate_proj.register_forward_hook(lambda *args: None)
+    assert block._experts_layout() is None  # a hook must see its module called
+    handle.remove()
+    assert block._experts_layout() == "gated"
+
+    class Scaled(nn.Module):  # a replaced child: not a plain nn.Linear any more
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, h):
+            return 2 * self.linear(h)
+
+    grouped(x)
+    grouped.experts[2].down_proj = Scaled(grouped.experts[2].down_proj)
+    assert grouped._experts_layout() is None and _grouped_layout(grouped.experts) is None
+    with pytest.raises(ValueError, match="recognised FFN layout"):
+        grouped(x)
+
+
 def test_grouped_self_check_rejects_a_look_alike_with_another_formula():
     block, _ = _pair("swiglu", torch.float32)
 
@@ -181,10 +136,6 @@ def test_grouped_self_check_rejects_a_look_alike_with_another_formula():
     for expert in block.experts:
         expert.__class__ = Swapped
     assert _grouped_layout(block.experts) == "gated"
-    assert block._self_check(torch.randn(4, D), "grouped_mm", "gated") is False
-    assert block._self_check(torch.randn(4, D), "loop_inplace", "gated") is False
-    with torch.no_grad():
-        assert block._expert_path(torch.randn(4, D)) == "loop"  # the look-alike's modules are called
+    assert block._grouped_self_check(torch.randn(4, D), "gated") is False
     fine, _ = _pair("swiglu", torch.float32)
-    assert fine._self_check(torch.randn(4, D), "grouped_mm", "gated") is True
-    assert fine._self_check(torch.randn(4, D), "loop_inplace", "gated") is True
+    assert fine._grouped_self_check(torch.randn(4, D), "gated") is True

