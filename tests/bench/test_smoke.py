@@ -101,3 +101,14 @@ def test_environment_drop_rates_and_target_verdicts(quick_result):
     for v in mixtral:
         assert isinstance(v["met"], bool) and v["threshold"] == 1.10 and "margin" in v
         assert v["ceiling"] > 0 and isinstance(v["ceiling_met"], bool)
+
+
+def test_skipped_variants_are_left_out_and_the_rest_still_reported(tmp_path):
+    out = tmp_path / "skip.json"
+    args = [*ARGS, "--tokens", "64", "--dtypes", "float32", "--modes", "fwd"]
+    skip = ["gemm_ceiling", "deepspeed_einsum", "mixtral_batched_mm"]
+    assert cli.main([*args, "--skip", *skip, "--out", str(out), "--quiet"]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert not set(skip) & set(row["times_ms"]) and set(skip) <= set(row["skipped"])
+    assert row["gemm_fraction"] == {}  # nothing to divide by without the GEMM ceiling
+    assert row["speedup_vs_mixtral_fastest"]["median"] > 0 and "dense" in row["gflops"]
