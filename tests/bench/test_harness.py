@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bench import layers, memory, moe_layer, timing
 from moe_llava.model.moe import SparseMoeBlock
@@ -137,6 +138,39 @@ def test_expert_gemm_floor_runs_the_experts_gemms_only(monkeypatch):
             return self.inner(h)
 
     assert layers.expert_gemm_floor_fn(SparseMoeBlock.from_dense(Custom(), num_experts=2), x, None) is None
+
+
+def test_eager_moe_floor_computes_the_block_output_from_precomputed_routing(monkeypatch):
+    block = _block().eval()
+    x = torch.randn(1, 16, 32)
+    assert layers.eager_moe_floor_fn(block, x, torch.randn(1, 16, 32)) is None  # forward only
+    linears, silus = [], []
+    real_linear, real_silu = F.linear, F.silu
+    monkeypatch.setattr(
+        F, "linear", lambda a, w, b=None: linears.append((a.shape[0], tuple(w.shape))) or real_linear(a, w, b)
+    )
+    monkeypatch.setattr(F, "silu", lambda a, inplace=False: silus.append(inplace) or real_silu(a, inplace))
+    run = layers.eager_moe_floor_fn(block, x, None)
+    routing_calls = len(linears)  # the router, outside the timed call
+    linears.clear()
+    out = run()
+    monkeypatch.undo()
+    assert routing_calls == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out, block(x), atol=1e-5, rtol=1e-5)
+    index, _ = layers.reference_routing(block, x)
+    counts = torch.bincount(index.reshape(-1), minlength=block.num_experts).tolist()
+    ffn = block.experts[0].down_proj.in_features
+    # per expert, on its routed rows: gate, up, down with the expert's own weights; SiLU in place
+    assert linears == [shape for n in counts for shape in ((n, (ffn, 32)), (n, (ffn, 32)), (n, (32, ffn)))]
+    assert silus == [True] * block.num_experts
+    assert all(p.grad is None for p in block.parameters())
+
+    # An activation without an in-place form (Phi's gelu_new, biases) runs as the module itself.
+    gelu_block = SparseMoeBlock.from_dense(layers.make_dense_ffn("gelu", 32, 64), num_experts=4).eval()
+    layers.perturb_experts(gelu_block, scale=0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(layers.eager_moe_floor_fn(gelu_block, x, None)(), gelu_block(x))
 
 
 def test_target_verdicts_margin_and_applicability():

@@ -62,6 +62,9 @@ def test_quick_run_writes_every_case_and_variant(quick_result):
         for key in ("ratio_moe_vs_k_dense", "speedup_vs_mixtral_fastest", "speedup_vs_deepspeed_einsum"):
             assert set(row[key]) == {"median", "min", "max", "n"}
         assert row["mixtral_fastest"] in MIXTRAL
+        # the eager floor is a forward-only variant
+        assert ("eager_moe_floor" in row["times_ms"]) == (row["mode"] == "fwd")
+        assert ("eager_ceiling_speedup_vs_mixtral" in row) == (row["mode"] == "fwd")
         assert row["expert_path"] == r["environment"]["moe_expert_path"][0]
         assert set(row["gemm_fraction"]) >= {"dense", "moe"}
         assert set(row["peak_memory_bytes"]) >= {"dense", "moe", "deepspeed_einsum"}
@@ -101,6 +104,10 @@ def test_environment_drop_rates_and_target_verdicts(quick_result):
     for v in mixtral:
         assert isinstance(v["met"], bool) and v["threshold"] == 1.10 and "margin" in v
         assert v["ceiling"] > 0 and isinstance(v["ceiling_met"], bool)
+        if v["case"].endswith("/fwd"):
+            assert v["eager_ceiling"] > 0 and isinstance(v["eager_ceiling_met"], bool)
+        else:
+            assert "eager_ceiling" not in v
 
 
 def test_skipped_variants_are_left_out_and_the_rest_still_reported(tmp_path):
