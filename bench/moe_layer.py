@@ -599,28 +599,16 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                 "met": met,
                 "margin": margin,
             }
-            bound = row.get(target.get("bound") or "", {}).get("median")
-            if bound is not None:
-                # The same metric for the experts alone: if even that misses, no routing/dispatch
-                # code can meet the target with these experts on this machine.
-                verdict["bound"] = bound
-                verdict["bound_met"] = bound <= threshold if target["op"] == "<=" else bound >= threshold
-            ceiling = row.get(target.get("ceiling") or "", {}).get("median")
-            if ceiling is not None:
-                # The metric for the experts' GEMMs alone: if even that misses, no implementation
-                # built on this machine's GEMM kernels can meet the target.
-                verdict["ceiling"] = ceiling
-                verdict["ceiling_met"] = (
-                    ceiling <= threshold if target["op"] == "<=" else ceiling >= threshold
-                )
-            eager_ceiling = row.get(target.get("eager_ceiling") or "", {}).get("median")
-            if eager_ceiling is not None:
-                # The metric for an eager block whose routing is free (forward): if even that
-                # misses, no implementation built from eager kernels can meet the target.
-                verdict["eager_ceiling"] = eager_ceiling
-                verdict["eager_ceiling_met"] = (
-                    eager_ceiling <= threshold if target["op"] == "<=" else eager_ceiling >= threshold
-                )
+            # The same metric for what bounds any implementation: "bound", our experts alone (if
+            # it misses, no routing/dispatch code can meet the target with these experts);
+            # "eager_ceiling", an eager block with a free router (forward; if it misses, nothing
+            # built from eager kernels can); "ceiling", the experts' GEMMs alone (nothing on this
+            # machine's GEMM kernels can).
+            for key in ("bound", "eager_ceiling", "ceiling"):
+                limit = row.get(target.get(key) or "", {}).get("median")
+                if limit is not None:
+                    verdict[key] = limit
+                    verdict[f"{key}_met"] = limit <= threshold if target["op"] == "<=" else limit >= threshold
             verdicts.append(verdict)
     return verdicts
 

@@ -184,10 +184,15 @@ def test_target_verdicts_margin_and_applicability():
             "ratio_moe_vs_k_dense": stats(ratio),
             "speedup_vs_mixtral_fastest": stats(mixtral),
             "ceiling_speedup_vs_mixtral": stats(mixtral * 1.05),
+            **({"eager_ceiling_speedup_vs_mixtral": stats(mixtral * 1.02)} if mode == "fwd" else {}),
         }
 
     verdicts = moe_layer.evaluate_targets(
-        [row(512, "fwd_bwd", "float32", 1.3, 1.2), row(2048, "fwd_bwd", "bfloat16", 1.2, 1.0)]
+        [
+            row(512, "fwd_bwd", "float32", 1.3, 1.2),
+            row(2048, "fwd_bwd", "bfloat16", 1.2, 1.0),
+            row(2048, "fwd", "bfloat16", 1.2, 1.07),
+        ]
     )
     by_case = {(v["target"], v["case"]): v for v in verdicts}
     dense_bf16 = by_case[("moe_vs_k_dense", "swiglu/bfloat16/S=2048/fwd_bwd")]
@@ -201,4 +206,9 @@ def test_target_verdicts_margin_and_applicability():
     unattainable = by_case[("speedup_vs_mixtral", "swiglu/bfloat16/S=2048/fwd_bwd")]
     assert unattainable["ceiling"] == 1.05 and unattainable["ceiling_met"] is False
     assert "ceiling" not in dense_bf16
+    # forward cases also carry the eager floor: here the GEMMs leave room, eager kernels do not
+    eager = by_case[("speedup_vs_mixtral", "swiglu/bfloat16/S=2048/fwd")]
+    assert eager["met"] is False and eager["ceiling_met"] is True
+    assert abs(eager["eager_ceiling"] - 1.07 * 1.02) < 1e-12 and eager["eager_ceiling_met"] is False
+    assert "eager_ceiling" not in unattainable
     assert all(v["target"] != "speedup_vs_deepspeed_einsum" for v in verdicts)
