@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -163,7 +165,7 @@ def test_router_losses_are_computed_on_first_read_for_the_latest_forward():
     block = distinct_block(num_experts=4, top_k=2).train()
     first, second = torch.randn(1, 5, D), torch.randn(2, 7, D)
     block(first)
-    assert block._losses is None  # nobody has read them: not computed
+    assert block._latest.losses is None  # nobody has read them: not computed
     out = block(second)
     aux, z = block.aux_loss, block.z_loss
     assert block.aux_loss is aux and block.z_loss is z  # computed once, then kept
@@ -174,6 +176,21 @@ def test_router_losses_are_computed_on_first_read_for_the_latest_forward():
     torch.testing.assert_close(z, torch.logsumexp(logits, -1).square().mean())
     (out.square().mean() + aux + z).backward()  # read after the forward, still in its graph
     assert block.router.weight.grad.abs().sum() > 0
+
+
+def test_a_block_after_a_training_forward_copies_and_pickles_without_its_pending_losses():
+    block = distinct_block(num_experts=4, top_k=2).train()
+    x = torch.randn(1, 5, D)
+    block(x)  # pending losses are non-leaf tensors of this forward's graph
+    clone = copy.deepcopy(block)
+    restored = pickle.loads(pickle.dumps(block))
+    for other in (clone, restored):
+        assert other.aux_loss is None and other.last_stats is None  # a copy has run no forward yet
+        for (name, a), b in zip(block.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), name
+        other(x)
+        torch.testing.assert_close(other.aux_loss, block.aux_loss)
+    assert block.last_stats.num_tokens == 5  # the original keeps its own
 
 
 def test_gradients_reach_router_and_every_expert_even_without_tokens():
@@ -307,7 +324,7 @@ def test_router_stats_are_computed_on_first_read_and_describe_the_latest_forward
     block = distinct_block().eval()
     first, second = torch.randn(1, 6, D), torch.randn(1, 10, D)
     block(first)
-    assert block._last_stats is None  # nothing computed until someone reads them
+    assert block._latest.stats is None  # nothing computed until someone reads them
     block(second)
     stats = block.last_stats
     assert int(stats.num_tokens) == 10 and block.last_stats is stats  # the latest forward, cached

@@ -181,10 +181,7 @@ class SparseMoeBlock(nn.Module):
 
         self.padding_mask: torch.Tensor | None = None
         self.modality_mask: torch.Tensor | None = None
-        self._losses: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._pending_losses: tuple | None = None
-        self._last_stats: RouterStats | None = None
-        self._pending_stats: tuple | None = None
+        self._latest = _LatestForward()
         # Off during generation (see `router_losses_disabled`): the model reads the losses after
         # every forward, and on a decode step their reductions would be a fixed per-token cost.
         self.compute_losses = True
@@ -360,8 +357,7 @@ class SparseMoeBlock(nn.Module):
         num_slots, k, num_experts = x.shape[0], self.top_k, self.num_experts
         valid, is_image = self._token_masks(token_shape)
 
-        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 even under bf16 autocast
-            logits = F.linear(x.float(), self.router.weight.float())  # (S, E)
+        logits = _router_logits(x, self.router.weight)  # (S, E), fp32
         probs = logits.softmax(dim=-1)
         topk_prob, topk_idx = self._select_experts(logits, probs)  # (S, k) each
 
@@ -434,10 +430,11 @@ class SparseMoeBlock(nn.Module):
 
     def _record_losses_and_stats(self, logits, probs, topk_idx, valid, is_image, num_tokens, assigned, kept):
         # Losses and statistics are a dozen small reductions: deferred to their first read.
-        self._last_stats = None
-        self._pending_stats = (probs.detach(), topk_idx, valid, is_image, num_tokens, assigned, kept)
-        self._losses = None
-        self._pending_losses = (logits, probs, topk_idx, valid, num_tokens) if self.compute_losses else None
+        latest = self._latest
+        latest.stats = None
+        latest.pending_stats = (probs.detach(), topk_idx, valid, is_image, num_tokens, assigned, kept)
+        latest.losses = None
+        latest.pending_losses = (logits, probs, topk_idx, valid, num_tokens) if self.compute_losses else None
 
     def _compute_losses(self, logits, probs, topk_idx, valid, num_tokens):
         """(aux_loss, z_loss): the Switch/GShard balance loss on top-1 counts before dropping
@@ -452,10 +449,11 @@ class SparseMoeBlock(nn.Module):
         return aux_loss, z_loss
 
     def _losses_of_latest_forward(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._losses is None and self._pending_losses is not None:
-            self._losses = self._compute_losses(*self._pending_losses)
-            self._pending_losses = None
-        return self._losses
+        latest = self._latest
+        if latest.losses is None and latest.pending_losses is not None:
+            latest.losses = self._compute_losses(*latest.pending_losses)
+            latest.pending_losses = None
+        return latest.losses
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
@@ -469,10 +467,11 @@ class SparseMoeBlock(nn.Module):
 
     @property
     def last_stats(self) -> RouterStats | None:
-        if self._last_stats is None and self._pending_stats is not None:
-            self._last_stats = self._compute_stats(*self._pending_stats)
-            self._pending_stats = None
-        return self._last_stats
+        latest = self._latest
+        if latest.stats is None and latest.pending_stats is not None:
+            latest.stats = self._compute_stats(*latest.pending_stats)
+            latest.pending_stats = None
+        return latest.stats
 
     @torch.no_grad()
     def _compute_stats(self, probs, topk_idx, valid, is_image, num_tokens, assigned, kept) -> RouterStats:
@@ -495,6 +494,37 @@ class SparseMoeBlock(nn.Module):
             stats.image_assigned = torch.bincount(topk_idx[is_image].reshape(-1), minlength=num_experts)
             stats.text_assigned = torch.bincount(topk_idx[~is_image].reshape(-1), minlength=num_experts)
         return stats
+
+
+class _LatestForward:
+    """What the block's latest forward left for its losses and statistics (see ``_record_losses_and_stats``).
+
+    A plain object rather than module attributes: ``nn.Module.__setattr__`` costs a few
+    microseconds per attribute, paid on every forward (a sizeable share of a decode step's block).
+    Copies and pickles of a block start empty: the pending tensors belong to the original's
+    autograd graph (``copy.deepcopy`` of a model right after a training forward would otherwise
+    fail on them), and a copy has not run a forward yet.
+    """
+
+    __slots__ = ("losses", "pending_losses", "pending_stats", "stats")
+
+    def __init__(self):
+        self.losses: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pending_losses: tuple | None = None
+        self.stats: RouterStats | None = None
+        self.pending_stats: tuple | None = None
+
+    def __reduce__(self):
+        return (_LatestForward, ())
+
+
+def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits of ``x`` (S, d), also under bf16 autocast (whose context costs a decode
+    step's block ~10 us, so it is entered only when autocast is on)."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), weight.float())
+    return F.linear(x.float(), weight.float())
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
