@@ -1,19 +1,39 @@
 # Two commands do all set-up: `make run` and `make test` (both create .venv when missing).
+# Set-up installs the committed lock (requirements.lock), never whatever is newest that day.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch==2.13.0 first: the CPU wheel on disk; a looser spec makes pip fetch the CUDA build (GBs).
-# GPU users: TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make test
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
+# torch is installed first and outside the lock, so a GPU machine can take a CUDA build of the
+# same version. torch==2.13.0 picks the CPU wheel on disk; a looser spec makes pip fetch the
+# newest CUDA build (GBs). GPU users:
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make test
+TORCH_VERSION := 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+# The build the lock is resolved against (its metadata lists no CUDA packages).
+TORCH_LOCK_SPEC := torch==$(TORCH_VERSION)+cpu
+UPGRADE_VENV ?= .venv-upgrade
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format lock upgrade-check clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev]'
+# $(call install_env,VENV,LOCKFILE): a venv holding exactly the lock (+ torch and this project).
+# pip goes first on its own (replacing the installer in the middle of an install is fragile);
+# then every pin with its hashes and no resolution (--no-deps: the lock is complete).
+define install_env
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --no-deps --require-hashes \
+	  -r <(awk '/^pip==/{p=1; print; next} p && /^ /{print; next} {p=0}' $(2))
+	$(1)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(1)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(2)
+	$(1)/bin/python tools/lockfile.py check-pyproject --lock $(2)
+	$(1)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(1)/bin/python -m pip check
+	$(1)/bin/python tools/lockfile.py check-installed --lock $(2)
+endef
+
+$(VENV)/.installed: $(LOCK) pyproject.toml
+	$(call install_env,$(VENV),$(LOCK))
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,17 +43,38 @@ run: setup
 
 # pytest exit 5 = "no tests collected": a test run that tests nothing must fail, not pass.
 test: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests tools
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff format --check src tests tools
 
 format: setup
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests tools
+	$(VENV)/bin/ruff format src tests tools
+
+# Re-resolve the lock after a change to pyproject.toml, keeping every pin that still fits.
+# Move the lock to the newest releases only after `make upgrade-check` passed:
+#   make lock LOCK_ARGS=--upgrade
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $$(grep -Eo '^(uv|packaging)==[^ ]+' $(LOCK) || echo uv packaging)
+	$(PY) tools/lockfile.py compile --torch '$(TORCH_LOCK_SPEC)' $(LOCK_ARGS)
+
+# Resolve the newest allowed versions into a scratch venv and run lint + the suite there;
+# prints which packages moved against the lock. Changes nothing in the lock or in .venv.
+upgrade-check: setup
+	rm -rf $(UPGRADE_VENV) && mkdir -p $(UPGRADE_VENV)
+	$(PY) tools/lockfile.py compile --torch '$(TORCH_LOCK_SPEC)' --upgrade -o $(UPGRADE_VENV)/requirements.lock
+	@echo "Packages that move against $(LOCK):"; $(PY) tools/lockfile.py diff $(LOCK) $(UPGRADE_VENV)/requirements.lock
+	$(call install_env,$(UPGRADE_VENV),$(UPGRADE_VENV)/requirements.lock)
+	$(UPGRADE_VENV)/bin/ruff check src tests tools
+	MOE_TUNING_LOCK=$(UPGRADE_VENV)/requirements.lock $(UPGRADE_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	echo "Packages that moved:"; $(PY) tools/lockfile.py diff $(LOCK) $(UPGRADE_VENV)/requirements.lock; \
+	if [ $$rc -eq 0 ]; then echo "upgrade-check: the suite passes on the newest versions; move the lock with: make lock LOCK_ARGS=--upgrade"; \
+	else echo "upgrade-check: the suite FAILS on the newest versions (pytest exit $$rc); keep the lock" >&2; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(UPGRADE_VENV) .pytest_cache .ruff_cache

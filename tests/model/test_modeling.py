@@ -56,6 +56,31 @@ def test_labels_at_image_positions_are_ignored_and_loss_parts_add_up(tiny_vlm):
         assert int(layer_stats.text_top1.sum()) == int((~image_mask).sum())
 
 
+def test_output_is_the_libraries_causal_lm_output_with_every_field_of_the_lm(tiny_vlm):
+    """Whatever the installed transformers calls the KV cache (`past_key_values`, later `cache`),
+    the language model's output fields reach our output under the same names."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    batch = multimodal_batch(tiny_vlm)
+    out = tiny_vlm(**batch, use_cache=True, output_hidden_states=True)
+    assert isinstance(out, CausalLMOutputWithPast)
+    embeds, _ = tiny_vlm.embed_inputs(batch["input_ids"], batch["pixel_values"])
+    lm_out = tiny_vlm.language_model(
+        inputs_embeds=embeds,
+        attention_mask=batch.get("attention_mask"),
+        use_cache=True,
+        output_hidden_states=True,
+    )
+    assert set(lm_out.keys()) <= set(out.keys())
+    cache_field = next(k for k in lm_out if k in ("cache", "past_key_values"))
+    assert (
+        type(out[cache_field]) is type(lm_out[cache_field])
+        and out[cache_field].get_seq_length() == (batch["input_ids"].shape[1])
+    )
+    torch.testing.assert_close(out.logits, lm_out.logits)
+    assert len(out.hidden_states) == len(lm_out.hidden_states)
+
+
 def test_fully_masked_labels_give_zero_loss_with_graph(tiny_vlm):
     batch = multimodal_batch(tiny_vlm)
     out = tiny_vlm(**batch, labels=torch.full_like(batch["input_ids"], IGNORE_INDEX))

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from moe_llava.data.templates import (
 )
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Why a record is rejected."""
 
     MALFORMED_JSON = "malformed_json"  # a JSONL line that is not valid JSON

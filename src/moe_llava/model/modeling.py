@@ -9,13 +9,13 @@ replaced by the projected patch features of the vision tower's ``vision_feature_
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moe_llava.constants import IGNORE_INDEX
 from moe_llava.model.configuration import MoELlavaConfig
@@ -37,15 +37,21 @@ class MultimodalProjector(nn.Module):
 
 
 @dataclass
-class MoELlavaOutput(ModelOutput):
-    """``loss`` = ``lm_loss`` + aux_coef * ``aux_loss`` + z_coef * ``z_loss`` (MoE parts are None when dense)."""
+class MoELlavaOutput(CausalLMOutputWithPast):
+    """The language model's own output type, plus the loss parts.
 
-    loss: torch.Tensor | None = None
+    ``loss`` = ``lm_loss`` + aux_coef * ``aux_loss`` + z_coef * ``z_loss`` (MoE parts are None when
+    dense). Every other field (logits, the KV cache, hidden states, ...) is the installed
+    ``transformers``' ``CausalLMOutputWithPast`` field, filled from the language model's output, so
+    a field the library renames or adds reaches callers under the library's name.
+    """
+
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+
+
+_LM_FIELDS = frozenset(f.name for f in fields(CausalLMOutputWithPast)) - {"loss"}
 
 
 class MoELlavaForCausalLM(PreTrainedModel):
@@ -205,40 +211,27 @@ class MoELlavaForCausalLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values=None,
-        use_cache: bool | None = None,
-        **kwargs,
+        **lm_kwargs,
     ) -> MoELlavaOutput:
+        """``lm_kwargs`` (position ids, the KV cache, ``use_cache``, ...) go to the language model
+        as they are, under the names the installed ``transformers`` gives them."""
         embeds, image_mask = self.embed_inputs(input_ids, pixel_values, image_mask)
         set_routing_masks(self.language_model, attention_mask, image_mask)
-        outputs = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        logits = outputs.logits
+        outputs = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, **lm_kwargs)
         aux_loss, z_loss = moe_losses(self.language_model)
         lm_loss = loss = None
         if labels is not None:
             labels = labels.masked_fill(image_mask, IGNORE_INDEX)
-            lm_loss = causal_lm_loss(logits, labels)
+            lm_loss = causal_lm_loss(outputs.logits, labels)
             loss = lm_loss
             if aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
                 if self.config.router_z_loss_coef:
                     loss = loss + self.config.router_z_loss_coef * z_loss
-        return MoELlavaOutput(
-            loss=loss,
-            lm_loss=lm_loss,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            logits=logits,
-            past_key_values=getattr(outputs, "past_key_values", None),
-        )
+        # Fields of a richer LM output type (e.g. an MoE LM's router logits) that the causal-LM
+        # contract does not have are left out; our own MoE losses replace them.
+        passed = {k: v for k, v in outputs.items() if k in _LM_FIELDS}
+        return MoELlavaOutput(**passed, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss)
 
     @torch.no_grad()
     def generate(

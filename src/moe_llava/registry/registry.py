@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from moe_llava.registry.gate import GateDecision, GateSettings, decide, numeric_metrics
@@ -59,7 +59,7 @@ class RegistrationResult:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class ModelRegistry:
@@ -130,7 +130,7 @@ class ModelRegistry:
                     "gate_metric": self.gate.metric,
                     "gate_value": metrics.get(self.gate.metric),
                     "gate_decision": mv.tags.get("gate.decision"),
-                    "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(
+                    "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
                         timespec="seconds"
                     ),
                     "run_id": mv.run_id,

@@ -144,7 +144,11 @@ def run_stage(
     model, tokenizer, image_processor, origin = _load_model_and_processors(cfg, paths["init"])
     configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
     if cfg.stage.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.24 renamed it (the old name warns, and goes in v6); older 5.x only has the old one.
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()
 
     run = StageRun.start(
         stage_dir=paths["stage_dir"],
