@@ -20,6 +20,7 @@ COMMAND_GROUPS: dict[str, str] = {
     "registry": "moe_llava.registry.cli",
     "chat": "moe_llava.chat",
     "eval": "moe_llava.evaluation.cli",
+    "pipeline": "moe_llava.pipeline.cli",
     "bench": "bench.cli",
 }
 

@@ -6,6 +6,7 @@ Outputs, under ``<run_dir>/<stage>/``:
   checkpoints/   Lightning checkpoints for resuming this stage (``last.ckpt``)
   data/          prepared manifests, quarantine files and counts
   metrics.json   final losses, steps, wall time (DVC-trackable)
+  logs/          Lightning's CSV log (metrics.csv: the loss curves `dvc plots` draws)
   COMPLETED      written last; a stage without it was interrupted and resumes on the next run
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -227,7 +228,8 @@ def _fit(
         val_check_interval=stage_cfg.get("val_every_n_steps"),
         enable_progress_bar=bool(trainer_cfg.enable_progress_bar),
         deterministic=bool(trainer_cfg.get("deterministic", False)),
-        logger=logger,
+        # MLflow for people; the CSV (<stage>/logs/metrics.csv) for `dvc plots` and the flow's summary.
+        logger=[logger, CSVLogger(save_dir=str(paths["stage_dir"]), name="", version="logs")],
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()] if is_checkpoint_io_compatible(strategy) else None,
         use_distributed_sampler=False,  # the modality-grouped batch sampler shards by rank itself

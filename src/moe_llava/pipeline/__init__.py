@@ -1,0 +1,1 @@
+"""The MoE-Tuning pipeline as DVC and Prefect run it: its parameter files (``params/``)."""
