@@ -257,10 +257,18 @@ def benchmark_metrics(bench: Benchmark, score: Mapping[str, Any]) -> dict[str, f
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``evaluation.model_dir`` (default ``<run_dir>/<stage>/export``); returns the flat metrics."""
+    """Evaluate ``evaluation.model_dir`` (default ``<run_dir>/<stage>/export``; a folder or an MLflow
+    model URI such as ``models:/moe-llava@champion``); returns the flat metrics."""
+    from moe_llava.chat import URI_SCHEMES, local_export
     from moe_llava.inference import load_pretrained
-    from moe_llava.training.tracking import data_hash, git_commit
+    from moe_llava.training.tracking import data_hash, git_commit, tracking_uri
 
+    requested = str(cfg.evaluation.get("model_dir") or "")
+    if requested.startswith(URI_SCHEMES):  # models:/NAME@ALIAS, runs:/...: download, then evaluate the folder
+        with local_export(requested, tracking_uri=tracking_uri(cfg.logger)) as export:
+            cfg = cfg.copy()
+            OmegaConf.update(cfg, "evaluation.model_dir", str(export))
+            return run_evaluation(cfg)
     cfg = cfg.copy()
     OmegaConf.resolve(cfg)
     ev = cfg.evaluation

@@ -1,0 +1,62 @@
+"""The flow's data step: make data/ match data.dvc (`python -m flows.data`).
+
+1. up to date (`dvc status data.dvc` clean): nothing to do;
+2. else `dvc pull data.dvc` from the DVC remote;
+3. else, for ShapesWorld, regenerate it with the composed config's generator settings and
+   `dvc commit data.dvc`, which refuses unless every file's md5 equals data.dvc's (the generator
+   is deterministic); then `dvc push`, so the next clone pulls instead of regenerating.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    print(f"$ dvc {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}{proc.stderr}".rstrip(), flush=True)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed (exit {proc.returncode})")
+    return proc
+
+
+def main() -> int:
+    status = dvc("status", "data.dvc", check=False)
+    if status.returncode == 0 and "up to date" in status.stdout:
+        print("data: up to date with data.dvc")
+        return 0
+    if dvc("pull", "data.dvc", check=False).returncode == 0:
+        print("data: pulled from the DVC remote")
+        return 0
+    data_cfg = yaml.safe_load((ROOT / "params" / "stage1.yaml").read_text())["data"]
+    if data_cfg.get("name") != "shapesworld":
+        print(f"data: data.dvc is not in the DVC remote and {data_cfg.get('name')!r} cannot be regenerated")
+        return 1
+    generator = ROOT / "params" / ".generator.yaml"
+    generator.write_text(yaml.safe_dump(data_cfg["generator"]))
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "moe_llava.cli", "data", "generate", "--out", data_cfg["root"],
+             "--config", str(generator)],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+    finally:
+        generator.unlink(missing_ok=True)
+    if dvc("commit", "data.dvc", check=False).returncode != 0:
+        print("data: the regenerated data differs from data.dvc (generator settings changed?)")
+        return 1
+    dvc("push", "data.dvc", check=False)  # best effort: a missing remote only costs a regeneration
+    print("data: regenerated; md5s match data.dvc")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

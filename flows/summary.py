@@ -1,0 +1,125 @@
+"""The flow's MLflow parent run and its summary (per-stage time and losses, POPE/VQA, the gate).
+
+Reads what the stage commands wrote (``<run_dir>/<stage>/metrics.json``, ``.../eval/metrics.json``)
+and the registration's JSON; computes nothing about models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from moe_llava.training.tracking import ensure_experiment, tracking_uri
+
+STAGES = ("stage1", "stage2", "stage3")
+EVALUATED = ("stage2", "stage3")
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+def _client(cfg: dict):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri(cfg.get("logger")))
+    return MlflowClient()
+
+
+def start_parent_run(cfg: dict, *, flow_run_id: str, flow_run_name: str, flow_run_url: str | None) -> str:
+    """A new MLflow run for this flow run; the stage, evaluation and registration runs nest under it."""
+    client = _client(cfg)
+    experiment_id = ensure_experiment(cfg["experiment_name"], cfg.get("logger"))
+    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name, "pipeline": "moe-tuning"}
+    if flow_run_url:
+        tags["prefect.flow_run_url"] = flow_run_url
+    run = client.create_run(experiment_id, run_name=f"pipeline {flow_run_name}", tags=tags)
+    return run.info.run_id
+
+
+def end_parent_run(cfg: dict, run_id: str, status: str) -> None:
+    _client(cfg).set_terminated(run_id, status=status)
+
+
+def registry_decision(output: str) -> dict[str, Any] | None:
+    """The indented JSON object `moe-llava registry register` prints last (None if there is none)."""
+    start = output.rfind("\n{\n") + 1 if "\n{\n" in output else (0 if output.startswith("{\n") else -1)
+    end = output.rfind("\n}")
+    if start < 0 or end < start:
+        return None
+    try:
+        return json.loads(output[start : end + 2])
+    except json.JSONDecodeError:
+        return None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect(run_dir: Path, steps: list[dict[str, Any]], decision: dict[str, Any] | None) -> dict[str, Any]:
+    train = {stage: _read(run_dir / stage / "metrics.json") for stage in STAGES}
+    evals = {stage: _read(run_dir / stage / "eval" / "metrics.json") for stage in EVALUATED}
+    plot = run_dir / "stage3" / "eval" / "expert_load.png"
+    return {
+        "steps": [{k: s[k] for k in ("name", "seconds", "skipped")} for s in steps],
+        "train": {s: {k: v for k, v in m.items() if k in ("train/loss", "val/loss", "global_step")} for s, m in train.items()},
+        "eval": {
+            s: {k: v for k, v in m.items() if re.fullmatch(r"pope/(\w+/)?(f1|accuracy|yes_ratio)|pope/mean_f1|vqa/\w+/accuracy", k)}
+            for s, m in evals.items()
+        },
+        "decision": decision,
+        "expert_load_plot": str(plot) if plot.is_file() else None,
+    }  # fmt: skip
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def markdown(report: dict[str, Any], cfg: dict, parent_run_id: str, flow_run_url: str | None) -> str:
+    uri = tracking_uri(cfg.get("logger"))
+    lines = [f"# MoE-Tuning: {cfg['experiment_name']}", "", "| step | time | status | train loss | val loss |", "|---|---|---|---|---|"]
+    for step in report["steps"]:
+        losses = report["train"].get(step["name"], {})
+        status = "up to date (skipped)" if step["skipped"] else "ran"
+        lines.append(
+            f"| {step['name']} | {step['seconds']:.0f} s | {status} | {_fmt(losses.get('train/loss'))} | {_fmt(losses.get('val/loss'))} |"
+        )
+    lines += ["", "| evaluated | POPE random F1 | popular F1 | adversarial F1 | **mean F1** | VQA test acc |", "|---|---|---|---|---|---|"]
+    for stage, m in report["eval"].items():
+        if m:
+            splits = " | ".join(_fmt(m.get(f"pope/{s}/f1")) for s in POPE_SPLITS)
+            lines.append(f"| {stage} | {splits} | **{_fmt(m.get('pope/mean_f1'))}** | {_fmt(m.get('vqa/test/accuracy'))} |")
+    decision = report.get("decision")
+    if decision:
+        gate = decision["decision"]
+        verdict = "**champion**" if decision["champion"] else "challenger"
+        lines += ["", f"Registry: `{decision['model_name']}` version {decision['version']} is {verdict}: {gate['reason']}"]
+    if report.get("expert_load_plot"):
+        lines += ["", f"Expert load by modality (stage 3): `{report['expert_load_plot']}`"]
+    lines += [
+        "",
+        f"MLflow parent run `{parent_run_id}`: `mlflow ui --backend-store-uri {uri}`"
+        if uri.startswith("sqlite")
+        else f"MLflow parent run `{parent_run_id}` on {uri}",
+        f"Prefect flow run: {flow_run_url or '-'} (`prefect server start` for the UI)",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def finish_parent_run(cfg: dict, run_id: str, report: dict[str, Any], markdown_text: str) -> None:
+    """Headline numbers as the parent run's metrics and tags; the summary as its artifact."""
+    client = _client(cfg)
+    for stage, m in report["eval"].items():
+        for key in ("pope/mean_f1", "vqa/test/accuracy"):
+            if isinstance(m.get(key), (int, float)):
+                client.log_metric(run_id, f"{stage}/{key}", float(m[key]))
+    for step in report["steps"]:
+        client.log_metric(run_id, f"time_s/{step['name']}", float(step["seconds"]))
+    decision = report.get("decision")
+    if decision:
+        client.set_tag(run_id, "registry.version", str(decision["version"]))
+        client.set_tag(run_id, "registry.champion", str(decision["champion"]).lower())
+    client.log_text(run_id, markdown_text, "summary.md")
+    client.set_terminated(run_id, status="FINISHED")
