@@ -38,22 +38,24 @@ $(VENV)/.installed: $(LOCK) pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The moe-tuning/full Prefect deployment on the embedded defaults (local Prefect server, SQLite
+# MLflow, DVC); extra Hydra overrides: make run RUN_ARGS="stage.lr=1e-3".
 run: setup
-	$(VENV)/bin/moe-llava demo
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m flows.local $(RUN_ARGS)
 
 # pytest exit 5 = "no tests collected": a test run that tests nothing must fail, not pass.
 test: setup
-	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff check src tests tools flows
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: setup
-	$(VENV)/bin/ruff check src tests tools
-	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/ruff check src tests tools flows
+	$(VENV)/bin/ruff format --check src tests tools flows
 
 format: setup
-	$(VENV)/bin/ruff check --fix src tests tools
-	$(VENV)/bin/ruff format src tests tools
+	$(VENV)/bin/ruff check --fix src tests tools flows
+	$(VENV)/bin/ruff format src tests tools flows
 
 # Re-resolve the lock after a change to pyproject.toml, keeping every pin that still fits.
 # Move the lock to the newest releases only after `make upgrade-check` passed:
@@ -70,7 +72,7 @@ upgrade-check: setup
 	$(PY) tools/lockfile.py compile --torch '$(TORCH_LOCK_SPEC)' --upgrade -o $(UPGRADE_VENV)/requirements.lock
 	@echo "Packages that move against $(LOCK):"; $(PY) tools/lockfile.py diff $(LOCK) $(UPGRADE_VENV)/requirements.lock
 	$(call install_env,$(UPGRADE_VENV),$(UPGRADE_VENV)/requirements.lock)
-	$(UPGRADE_VENV)/bin/ruff check src tests tools
+	$(UPGRADE_VENV)/bin/ruff check src tests tools flows
 	MOE_TUNING_LOCK=$(UPGRADE_VENV)/requirements.lock $(UPGRADE_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 	echo "Packages that moved:"; $(PY) tools/lockfile.py diff $(LOCK) $(UPGRADE_VENV)/requirements.lock; \
 	if [ $$rc -eq 0 ]; then echo "upgrade-check: the suite passes on the newest versions; move the lock with: make lock LOCK_ARGS=--upgrade"; \

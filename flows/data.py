@@ -22,7 +22,9 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True, check=False
     )
-    print(f"$ dvc {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}{proc.stderr}".rstrip(), flush=True)
+    print(
+        f"$ dvc {' '.join(args)}  (exit {proc.returncode})\n{proc.stdout}{proc.stderr}".rstrip(), flush=True
+    )
     if check and proc.returncode != 0:
         raise SystemExit(f"dvc {' '.join(args)} failed (exit {proc.returncode})")
     return proc

@@ -108,7 +108,9 @@ def main(overrides: list[str]) -> int:
         summary = ROOT / run_dir / "summary.md"
         if run.returncode == 0 and summary.is_file():
             print("\n" + summary.read_text())
-            print(f"Prefect UI: PREFECT_HOME={env['PREFECT_HOME']} prefect server start  (then http://127.0.0.1:4200)")
+            print(
+                f"Prefect UI: PREFECT_HOME={env['PREFECT_HOME']} prefect server start  (then http://127.0.0.1:4200)"
+            )
         return run.returncode
     except KeyboardInterrupt:
         print("make run: interrupted; stopping what it started (a re-run resumes)", file=sys.stderr)

@@ -48,6 +48,8 @@ def run_step(name: str, argv: list[str], env: dict[str, str] | None = None) -> d
     started = time.perf_counter()
     tail: deque[str] = deque(maxlen=KEPT_LINES)
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    # `python` in dvc.yaml's commands: this interpreter's environment, whoever started the worker.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )
@@ -74,9 +76,14 @@ def run_step(name: str, argv: list[str], env: dict[str, str] | None = None) -> d
     code = proc.wait()
     seconds = time.perf_counter() - started
     if code != 0:
-        raise StepFailed(f"{name} failed (exit {code}) after {seconds:.0f} s; its last lines:\n" + "\n".join(list(tail)[-TAIL_LINES:]))
+        raise StepFailed(
+            f"{name} failed (exit {code}) after {seconds:.0f} s; its last lines:\n"
+            + "\n".join(list(tail)[-TAIL_LINES:])
+        )
     output = "\n".join(tail)
-    skipped = bool(re.search(r"didn't change, skipping|is cached - skipping", output))
+    skipped = bool(
+        re.search(r"didn't change, skipping|is cached - skipping|up to date with data.dvc", output)
+    )
     logger.info("%s: %s in %.0f s", name, "up to date, skipped" if skipped else "done", seconds)
     return {"name": name, "seconds": seconds, "skipped": skipped, "output": output}
 
@@ -117,12 +124,13 @@ def moe_tuning(
     step("params", python("-m", "moe_llava.cli", "pipeline", "params", *overrides))
     cfg = yaml.safe_load((ROOT / "params" / "stage3.yaml").read_text())
     run_dir, experiment = Path(cfg["run_dir"]), cfg["experiment_name"]
+    ui_url = flow_run.ui_url if str(flow_run.ui_url).startswith("http") else None  # None without a UI
     parent = summary.start_parent_run(
-        cfg, flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name), flow_run_url=flow_run.ui_url
+        cfg, flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name), flow_run_url=ui_url
     )
     logger.info("MLflow parent run %s in experiment %r", parent, experiment)
-    if flow_run.ui_url:
-        create_link_artifact(flow_run.ui_url, link_text="this flow run", key="moe-tuning-flow-run")
+    if ui_url:
+        create_link_artifact(ui_url, link_text="this flow run", key="moe-tuning-flow-run")
     env = {PARENT_RUN_ENV: parent}
     steps: list[dict[str, Any]] = []
     try:
@@ -135,7 +143,9 @@ def moe_tuning(
                 steps.append(step(f"evaluate-{stage}", dvc_stage(f"evaluate@{stage}"), env))
         elif pipeline == "stage3":
             if not init_from:
-                raise ValueError("the stage3 pipeline needs init_from (a stage-2 export or an MoE checkpoint)")
+                raise ValueError(
+                    "the stage3 pipeline needs init_from (a stage-2 export or an MoE checkpoint)"
+                )
             train = python("-m", "moe_llava.train", *overrides, "stage=stage3", f"init_from={init_from}")
             steps.append(step("stage3", train, env))
             evaluate = python("-m", "moe_llava.evaluate", *overrides, "stage=stage3")
@@ -168,7 +178,7 @@ def moe_tuning(
         summary.end_parent_run(cfg, parent, "FAILED")
         raise
     report = summary.collect(run_dir, steps, decision)
-    markdown = summary.markdown(report, cfg, parent, flow_run.ui_url)
+    markdown = summary.markdown(report, cfg, parent, ui_url)
     summary.finish_parent_run(cfg, parent, report, markdown)
     (ROOT / run_dir / "summary.md").write_text(markdown)
     create_markdown_artifact(markdown, key="moe-tuning-summary", description="MoE-Tuning run summary")

@@ -30,7 +30,11 @@ def start_parent_run(cfg: dict, *, flow_run_id: str, flow_run_name: str, flow_ru
     """A new MLflow run for this flow run; the stage, evaluation and registration runs nest under it."""
     client = _client(cfg)
     experiment_id = ensure_experiment(cfg["experiment_name"], cfg.get("logger"))
-    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name, "pipeline": "moe-tuning"}
+    tags = {
+        "prefect.flow_run_id": flow_run_id,
+        "prefect.flow_run_name": flow_run_name,
+        "pipeline": "moe-tuning",
+    }
     if flow_run_url:
         tags["prefect.flow_run_url"] = flow_run_url
     run = client.create_run(experiment_id, run_name=f"pipeline {flow_run_name}", tags=tags)
@@ -79,23 +83,37 @@ def _fmt(value: Any) -> str:
 
 def markdown(report: dict[str, Any], cfg: dict, parent_run_id: str, flow_run_url: str | None) -> str:
     uri = tracking_uri(cfg.get("logger"))
-    lines = [f"# MoE-Tuning: {cfg['experiment_name']}", "", "| step | time | status | train loss | val loss |", "|---|---|---|---|---|"]
+    lines = [
+        f"# MoE-Tuning: {cfg['experiment_name']}",
+        "",
+        "| step | time | status | train loss | val loss |",
+        "|---|---|---|---|---|",
+    ]
     for step in report["steps"]:
         losses = report["train"].get(step["name"], {})
         status = "up to date (skipped)" if step["skipped"] else "ran"
         lines.append(
             f"| {step['name']} | {step['seconds']:.0f} s | {status} | {_fmt(losses.get('train/loss'))} | {_fmt(losses.get('val/loss'))} |"
         )
-    lines += ["", "| evaluated | POPE random F1 | popular F1 | adversarial F1 | **mean F1** | VQA test acc |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| evaluated | POPE random F1 | popular F1 | adversarial F1 | **mean F1** | VQA test acc |",
+        "|---|---|---|---|---|---|",
+    ]
     for stage, m in report["eval"].items():
         if m:
             splits = " | ".join(_fmt(m.get(f"pope/{s}/f1")) for s in POPE_SPLITS)
-            lines.append(f"| {stage} | {splits} | **{_fmt(m.get('pope/mean_f1'))}** | {_fmt(m.get('vqa/test/accuracy'))} |")
+            lines.append(
+                f"| {stage} | {splits} | **{_fmt(m.get('pope/mean_f1'))}** | {_fmt(m.get('vqa/test/accuracy'))} |"
+            )
     decision = report.get("decision")
     if decision:
         gate = decision["decision"]
         verdict = "**champion**" if decision["champion"] else "challenger"
-        lines += ["", f"Registry: `{decision['model_name']}` version {decision['version']} is {verdict}: {gate['reason']}"]
+        lines += [
+            "",
+            f"Registry: `{decision['model_name']}` version {decision['version']} is {verdict}: {gate['reason']}",
+        ]
     if report.get("expert_load_plot"):
         lines += ["", f"Expert load by modality (stage 3): `{report['expert_load_plot']}`"]
     lines += [
