@@ -69,7 +69,8 @@ def project(tmp_path) -> tuple[Path, dict]:
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
     }
-    env.pop("PREFECT_API_URL", None)
+    for inherited in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):  # the clone's own server and mlflow.db
+        env.pop(inherited, None)
     sh("git", "clone", "-q", str(REPO), str(clone), cwd=tmp_path, env=env)
     generate_shapesworld(clone / "data" / "shapesworld", TINY_WORLD)
     sh(sys.executable, "-m", "dvc", "add", "-q", "data", cwd=clone, env=env)
@@ -78,11 +79,10 @@ def project(tmp_path) -> tuple[Path, dict]:
 
 
 def mlflow_runs(clone: Path) -> list:
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
-    client = MlflowClient()
+    # Not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI to later subprocesses.
+    client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny-cpu")
     return client, client.search_runs([experiment.experiment_id])
 
@@ -103,7 +103,7 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     assert len([c for c in runs if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 6
     assert "stage3/pope/mean_f1" in parent.data.metrics and "prefect.flow_run_id" in parent.data.tags
     champion = client.get_model_version_by_alias("moe-llava", "champion")
-    assert champion.version == "1" and parent.data.tags["registry.version"] == "1"
+    assert str(champion.version) == "1" and parent.data.tags["registry.version"] == "1"
 
     # A second run: every DVC stage is up to date and skipped; the gate compares with the champion.
     proc = sh(sys.executable, "-m", "flows.local", *SHRUNK, cwd=clone, env=env, timeout=600)
