@@ -1,0 +1,154 @@
+"""dvc.yaml end to end: real `dvc repro` / `dvc exp run` of the three stages and both evaluations.
+
+A git clone of the committed repository gets a tiny ShapesWorld (`dvc add data`) and parameter files
+written by `moe-llava pipeline params` with the training tests' shrunk tiny_cpu preset; every path in
+them is relative to the clone, where DVC runs the stage commands. The stage commands import
+moe_llava from this checkout (editable install); `python` is this interpreter.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_llava.cli import main
+from moe_llava.data.shapesworld import generate_shapesworld
+from tests.training.conftest import TINY_WORLD, shrunk_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ("stage1", "stage2", "stage3")
+ALL = (*STAGES, "evaluate@stage2", "evaluate@stage3")
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("MOE_LLAVA_PARENT_RUN_ID", "MOE_LLAVA_CONF_DIR")},
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
+# shrunk_overrides' absolute paths, replaced by paths relative to the clone
+PATH_KEYS = ("data.root=", "run_dir=", "logger.tracking_uri=", "logger.artifact_location=")
+RELATIVE = [
+    "data.root=data/shapesworld",
+    "run_dir=artifacts",
+    "logger.tracking_uri=sqlite:///mlflow.db",
+    "logger.artifact_location=mlartifacts",
+]
+EVALUATION = ["evaluation.limit=4", "evaluation.max_new_tokens=4", "evaluation.progress=false"]
+
+
+def run(*args: str, cwd: Path, timeout: float = 120) -> str:
+    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"{cmd}: rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def lock(clone: Path) -> dict:
+    return yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+
+
+def pipeline_overrides() -> list[str]:
+    shrunk = shrunk_overrides(Path("/unused"), Path("/unused"))
+    kept = [o for o in shrunk if not o.startswith(PATH_KEYS)]
+    assert len(kept) == len(shrunk) - len(PATH_KEYS)
+    return [*kept, *RELATIVE, *EVALUATION]
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(REPO), str(clone), cwd=tmp_path)
+    generate_shapesworld(clone / "data" / "shapesworld", TINY_WORLD)
+    run("dvc", "add", "-q", "data", cwd=clone)
+    assert main(["pipeline", "params", "--out", str(clone / "params"), *pipeline_overrides()]) == 0
+    params = {s: yaml.safe_load((clone / "params" / f"{s}.yaml").read_text()) for s in STAGES}
+    assert {p["run_dir"] for p in params.values()} == {"artifacts"}
+    assert str(tmp_path) not in "".join((clone / "params" / f"{s}.yaml").read_text() for s in STAGES)
+    run("git", "add", "-A", cwd=clone)
+    run("git", "commit", "-qm", "tiny data and shrunk params", cwd=clone)
+
+    # 1. the whole pipeline, in dependency order
+    order = ran(run("dvc", "repro", cwd=clone, timeout=400))
+    assert sorted(order) == sorted(ALL)
+    assert order.index("stage1") < order.index("stage2") < order.index("stage3")
+    assert order.index("stage2") < order.index("evaluate@stage2")
+    assert order.index("stage3") < order.index("evaluate@stage3")
+    artifacts = clone / "artifacts"
+    for stage in STAGES:
+        assert (artifacts / stage / "export" / "config.json").is_file()
+        assert json.loads((artifacts / stage / "metrics.json").read_text())["global_step"] == 3
+    assert set(lock(clone)) == set(ALL)
+
+    # 2. metrics: both evaluations' POPE mean F1 (and the stages' training summaries)
+    metrics = json.loads(run("dvc", "metrics", "show", "--json", cwd=clone))[""]["data"]
+    for stage in ("stage2", "stage3"):
+        f1 = metrics[f"artifacts/{stage}/eval/metrics.json"]["data"]["pope/mean_f1"]
+        assert isinstance(f1, float) and 0.0 <= f1 <= 1.0
+    for stage in STAGES:
+        assert metrics[f"artifacts/{stage}/metrics.json"]["data"]["global_step"] == 3
+
+    # 3. plots: every stage's loss curve from Lightning's CSV log, x step, y train/loss
+    plots = json.loads(run("dvc", "plots", "show", "--json", cwd=clone))
+    assert "errors" not in plots, plots.get("errors")
+    for stage in STAGES:
+        path = f"artifacts/{stage}/logs/metrics.csv"
+        [plot] = plots["data"][path]
+        spec = json.dumps(plot["content"])
+        assert '"field": "train/loss"' in spec and '"field": "step"' in spec
+        shown = {(r["step"], r["train/loss"]) for r in plot["content"]["data"]["values"] if r["train/loss"]}
+        with (clone / path).open() as f:
+            logged = {(r["step"], r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
+        assert shown == logged and {step for step, _ in logged} == {"0", "1", "2"}
+
+    # 4. nothing changed: nothing runs
+    again = run("dvc", "repro", cwd=clone)
+    assert ran(again) == [] and "Data and pipelines are up to date" in again
+    for stage in ALL:
+        assert f"Stage '{stage}' didn't change" in again
+    run("git", "add", "dvc.lock", cwd=clone)
+    run("git", "commit", "-qm", "pipeline ran", cwd=clone)
+
+    # 5. a stage-3 value: exactly stage 3 and its evaluation rerun
+    before = lock(clone)
+    experiment = run("dvc", "exp", "run", "-S", "params/stage3.yaml:stage.lr=0.0007", cwd=clone, timeout=300)
+    assert sorted(ran(experiment)) == ["evaluate@stage3", "stage3"]
+    for stage in ("stage1", "stage2", "evaluate@stage2"):
+        assert f"Stage '{stage}' didn't change" in experiment
+    # -S rewrites the file through OmegaConf.to_object: the same values (nulls written as empty
+    # values, the ${...} interpolation in hydra.run.dir resolved), stage.lr changed, nothing else
+    rewritten = yaml.safe_load((clone / "params" / "stage3.yaml").read_text())
+    assert rewritten["hydra"]["run"]["dir"] in ("${run_dir}/${stage.name}/hydra", "artifacts/stage3/hydra")
+    stage3 = params["stage3"]
+    assert rewritten == {**stage3, "stage": {**stage3["stage"], "lr": 0.0007}, "hydra": rewritten["hydra"]}
+    after = lock(clone)
+    assert after["stage3"]["params"]["params/stage3.yaml"]["stage"]["lr"] == 0.0007
+    for stage in ("stage1", "stage2", "evaluate@stage2"):
+        assert after[stage] == before[stage]
+    assert after["stage3"]["outs"] != before["stage3"]["outs"]  # retrained: new weights
+    status = run("git", "status", "--porcelain", cwd=clone)
+    assert sorted(line[3:] for line in status.splitlines()) == ["dvc.lock", "params/stage3.yaml"]
