@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     params.add_argument(
         "overrides", nargs="*", help="Hydra overrides (default: experiment=tiny_cpu, the embedded default)"
     )
-    params.add_argument("--out", type=Path, help="folder (default: params/ in the current directory, the project root)")
+    params.add_argument(
+        "--out", type=Path, help="folder (default: params/ in the current directory, the project root)"
+    )
     params.add_argument("--check", action="store_true", help="exit 1 if the files differ; write nothing")
     params.set_defaults(func=_params)
 
