@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -42,16 +43,14 @@ def main() -> int:
     if data_cfg.get("name") != "shapesworld":
         print(f"data: data.dvc is not in the DVC remote and {data_cfg.get('name')!r} cannot be regenerated")
         return 1
-    generator = ROOT / "params" / ".generator.yaml"
-    generator.write_text(yaml.safe_dump(data_cfg["generator"]))
-    try:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as generator:
+        yaml.safe_dump(data_cfg["generator"], generator)
+        generator.flush()
         subprocess.run(
             [sys.executable, "-m", "moe_llava.cli", "data", "generate", "--out", data_cfg["root"],
-             "--config", str(generator)],
+             "--config", generator.name],
             cwd=ROOT, check=True,
         )  # fmt: skip
-    finally:
-        generator.unlink(missing_ok=True)
     if dvc("commit", "data.dvc", check=False).returncode != 0:
         print("data: the regenerated data differs from data.dvc (generator settings changed?)")
         return 1

@@ -69,7 +69,7 @@ def wait_until(check, what: str, proc: subprocess.Popen, timeout: float = START_
         time.sleep(1)
 
 
-def prefect(*args: str, env: dict[str, str] | None = None) -> list[str]:
+def prefect(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
@@ -86,7 +86,7 @@ def main(overrides: list[str]) -> int:
             Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
             print(f"make run: starting a Prefect server on 127.0.0.1:{port} (state in {env['PREFECT_HOME']})")
             server = start(
-                prefect("server", "start", "--host", "127.0.0.1", "--port", str(port), env=env),
+                prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
                 env,
                 log=Path(env["PREFECT_HOME"]) / "server.log",
             )
@@ -96,13 +96,13 @@ def main(overrides: list[str]) -> int:
         serve = start([sys.executable, "-m", "flows.serve"], env)
 
         def deployed() -> bool:
-            probe = [*prefect("deployment", "inspect", "moe-tuning/full", env=env)]
+            probe = [*prefect("deployment", "inspect", "moe-tuning/full")]
             return subprocess.run(probe, cwd=ROOT, env=env, capture_output=True).returncode == 0
 
         wait_until(deployed, "the deployment server (flows/serve.py)", serve)
         params = ["-p", f"overrides={json.dumps(overrides)}"] if overrides else []
         run = subprocess.run(
-            prefect("deployment", "run", "moe-tuning/full", "--watch", *params, env=env), cwd=ROOT, env=env
+            prefect("deployment", "run", "moe-tuning/full", "--watch", *params), cwd=ROOT, env=env
         )
         run_dir = Path(yaml.safe_load((ROOT / "params" / "stage3.yaml").read_text())["run_dir"])
         summary = ROOT / run_dir / "summary.md"

@@ -19,17 +19,16 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 
 
 def _client(cfg: dict):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri(cfg.get("logger")))
-    return MlflowClient()
+    # Not mlflow.set_tracking_uri: it would export MLFLOW_TRACKING_URI to every step's process.
+    return MlflowClient(tracking_uri=tracking_uri(cfg.get("logger")))
 
 
 def start_parent_run(cfg: dict, *, flow_run_id: str, flow_run_name: str, flow_run_url: str | None) -> str:
     """A new MLflow run for this flow run; the stage, evaluation and registration runs nest under it."""
     client = _client(cfg)
-    experiment_id = ensure_experiment(cfg["experiment_name"], cfg.get("logger"))
+    experiment_id = ensure_experiment(cfg["experiment_name"], cfg.get("logger"), client)
     tags = {
         "prefect.flow_run_id": flow_run_id,
         "prefect.flow_run_name": flow_run_name,

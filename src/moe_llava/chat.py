@@ -15,22 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
-
-URI_SCHEMES = (
-    "models:/",
-    "runs:/",
-    "mlflow-artifacts:/",
-    "s3://",
-    "gs://",
-    "wasbs://",
-    "http://",
-    "https://",
-)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,30 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs")
     parser.add_argument("question", nargs="?", help="the question; without it, read questions from stdin")
     parser.set_defaults(func=_chat)
-
-
-@contextmanager
-def local_export(model: str, *, tracking_uri: str | None = None) -> Iterator[Path]:
-    """The export folder of ``model`` (local path or MLflow URI; URIs are downloaded to a temporary folder)."""
-    from moe_llava.registry.model import resolve_export_dir
-
-    if not model.startswith(URI_SCHEMES):
-        yield resolve_export_dir(model)
-        return
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from moe_llava.registry.settings import load_settings
-
-    uri = tracking_uri or load_settings().resolved_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="moe-llava-chat-") as folder:
-        try:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=folder)
-        except MlflowException as err:
-            raise ValueError(f"cannot load {model} from {uri}: {err.message}") from None
-        yield resolve_export_dir(path)
 
 
 def chat(
@@ -115,6 +77,7 @@ def chat(
 
 def _chat(args: argparse.Namespace) -> int:
     from moe_llava.inference import Answerer
+    from moe_llava.registry.model import local_export
 
     if args.image is not None and not Path(args.image).is_file():
         raise ValueError(f"--image: {args.image} does not exist")

@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from moe_llava.data.shapesworld import generate_shapesworld
+from tests.project import sh
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"train_images": 10, "val_images": 3, "test_images": 4, "tokenizer_vocab_size": 300}
-ENV = {
-    **os.environ,
-    "DVC_NO_ANALYTICS": "1",
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@example.com",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@example.com",
-}
 
 
 def run(*args: str, cwd: Path, ok: bool = True) -> str:
-    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
-    proc = subprocess.run(
-        cmd,
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    assert (proc.returncode == 0) == ok, f"{cmd}: rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    return sh(*args, cwd=cwd, ok=ok)
 
 
 def new_repo(path: Path) -> Path:

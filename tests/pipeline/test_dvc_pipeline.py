@@ -10,58 +10,22 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from moe_llava.cli import main
-from moe_llava.data.shapesworld import generate_shapesworld
-from tests.training.conftest import TINY_WORLD, shrunk_overrides
+from tests.project import clone_overrides, clone_with_tiny_data, sh
 
-REPO = Path(__file__).resolve().parents[2]
 STAGES = ("stage1", "stage2", "stage3")
 ALL = (*STAGES, "evaluate@stage2", "evaluate@stage3")
-ENV = {
-    **{k: v for k, v in os.environ.items() if k not in ("MOE_LLAVA_PARENT_RUN_ID", "MOE_LLAVA_CONF_DIR")},
-    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@example.com",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@example.com",
-}
-# shrunk_overrides' absolute paths, replaced by paths relative to the clone
-PATH_KEYS = ("data.root=", "run_dir=", "logger.tracking_uri=", "logger.artifact_location=")
-RELATIVE = [
-    "data.root=data/shapesworld",
-    "run_dir=artifacts",
-    "logger.tracking_uri=sqlite:///mlflow.db",
-    "logger.artifact_location=mlartifacts",
-]
 EVALUATION = ["evaluation.limit=4", "evaluation.max_new_tokens=4", "evaluation.progress=false"]
 
 
 def run(*args: str, cwd: Path, timeout: float = 120) -> str:
-    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
-    proc = subprocess.run(
-        cmd,
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, f"{cmd}: rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    return sh(*args, cwd=cwd, timeout=timeout)
 
 
 def ran(output: str) -> list[str]:
@@ -72,25 +36,16 @@ def lock(clone: Path) -> dict:
     return yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
 
 
-def pipeline_overrides() -> list[str]:
-    shrunk = shrunk_overrides(Path("/unused"), Path("/unused"))
-    kept = [o for o in shrunk if not o.startswith(PATH_KEYS)]
-    assert len(kept) == len(shrunk) - len(PATH_KEYS)
-    return [*kept, *RELATIVE, *EVALUATION]
-
-
 @pytest.mark.slow
 def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
-    clone = tmp_path / "clone"
-    run("git", "clone", "-q", str(REPO), str(clone), cwd=tmp_path)
-    generate_shapesworld(clone / "data" / "shapesworld", TINY_WORLD)
-    run("dvc", "add", "-q", "data", cwd=clone)
-    assert main(["pipeline", "params", "--out", str(clone / "params"), *pipeline_overrides()]) == 0
+    clone = clone_with_tiny_data(tmp_path / "clone")
+    overrides = [*clone_overrides(), *EVALUATION]
+    assert main(["pipeline", "params", "--out", str(clone / "params"), *overrides]) == 0
     params = {s: yaml.safe_load((clone / "params" / f"{s}.yaml").read_text()) for s in STAGES}
     assert {p["run_dir"] for p in params.values()} == {"artifacts"}
     assert str(tmp_path) not in "".join((clone / "params" / f"{s}.yaml").read_text() for s in STAGES)
     run("git", "add", "-A", cwd=clone)
-    run("git", "commit", "-qm", "tiny data and shrunk params", cwd=clone)
+    run("git", "commit", "-qm", "shrunk params", cwd=clone)
 
     # 1. the whole pipeline, in dependency order
     order = ran(run("dvc", "repro", cwd=clone, timeout=400))

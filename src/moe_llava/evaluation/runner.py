@@ -259,8 +259,8 @@ def benchmark_metrics(bench: Benchmark, score: Mapping[str, Any]) -> dict[str, f
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``evaluation.model_dir`` (default ``<run_dir>/<stage>/export``; a folder or an MLflow
     model URI such as ``models:/moe-llava@champion``); returns the flat metrics."""
-    from moe_llava.chat import URI_SCHEMES, local_export
     from moe_llava.inference import load_pretrained
+    from moe_llava.registry.model import URI_SCHEMES, local_export
     from moe_llava.training.tracking import data_hash, git_commit, tracking_uri
 
     requested = str(cfg.evaluation.get("model_dir") or "")

@@ -18,7 +18,8 @@ import base64
 import io
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,38 @@ def log_pyfunc_model(
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,
         )
+
+
+# MLflow model URIs (downloaded) as opposed to local export folders.
+URI_SCHEMES = (
+    "models:/",
+    "runs:/",
+    "mlflow-artifacts:/",
+    "s3://",
+    "gs://",
+    "wasbs://",
+    "http://",
+    "https://",
+)
+
+
+@contextmanager
+def local_export(model: str, *, tracking_uri: str | None = None) -> Iterator[Path]:
+    """The export folder of ``model`` (local path or MLflow URI; URIs are downloaded to a temporary folder)."""
+    if not model.startswith(URI_SCHEMES):
+        yield resolve_export_dir(model)
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from moe_llava.registry.settings import load_settings
+
+    uri = tracking_uri or load_settings().resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with tempfile.TemporaryDirectory(prefix="moe-llava-model-") as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=folder)
+        except MlflowException as err:
+            raise ValueError(f"cannot load {model} from {uri}: {err.message}") from None
+        yield resolve_export_dir(path)

@@ -30,11 +30,16 @@ def tracking_uri(logger_cfg: Mapping | None = None) -> str:
     return f"sqlite:///{db}"
 
 
-def ensure_experiment(name: str, logger_cfg: Mapping | None = None) -> str:
-    """Experiment id for ``name``, created with an explicit artifact location when missing."""
-    import mlflow
+def ensure_experiment(name: str, logger_cfg: Mapping | None = None, client=None) -> str:
+    """Experiment id for ``name``, created with an explicit artifact location when missing.
 
-    experiment = mlflow.get_experiment_by_name(name)
+    ``client``: an ``MlflowClient`` to use instead of the global tracking URI.
+    """
+    if client is None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             raise ValueError(
@@ -42,13 +47,12 @@ def ensure_experiment(name: str, logger_cfg: Mapping | None = None) -> str:
             )
         return experiment.experiment_id
     location = (logger_cfg or {}).get("artifact_location")
-    uri = mlflow.get_tracking_uri()
-    if location and not uri.startswith(("http://", "https://", "databricks")):
+    if location and not client.tracking_uri.startswith(("http://", "https://", "databricks")):
         # Local SQLite stores absolute artifact paths: make the location explicit and absolute.
         location = Path(location).resolve().as_uri()
     else:
         location = None  # a tracking server decides where artifacts go
-    return mlflow.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location)
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
