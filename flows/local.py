@@ -33,8 +33,9 @@ def healthy(api_url: str) -> bool:
 
 
 def free_port(preferred: int = 4200) -> int:
+    """``preferred`` when nothing listens there (0: any free port)."""
     with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", preferred)) != 0:
+        if preferred and sock.connect_ex(("127.0.0.1", preferred)) != 0:
             return preferred
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,6 +77,7 @@ def prefect(*args: str) -> list[str]:
 def main(overrides: list[str]) -> int:
     env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(ROOT / ".prefect"))}
     env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lightning.pytorch")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the local server sends no telemetry
     server = serve = None
     try:
         api_url = env.get("PREFECT_API_URL", "")

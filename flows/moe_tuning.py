@@ -129,8 +129,8 @@ def moe_tuning(
         cfg, flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name), flow_run_url=ui_url
     )
     logger.info("MLflow parent run %s in experiment %r", parent, experiment)
-    if ui_url:
-        create_link_artifact(ui_url, link_text="this flow run", key="moe-tuning-flow-run")
+    # The two runs point at each other: tags on the MLflow run, a link artifact on the flow run.
+    create_link_artifact(summary.run_url(cfg, parent), link_text="MLflow parent run", key="mlflow-run")
     env = {PARENT_RUN_ENV: parent}
     steps: list[dict[str, Any]] = []
     try:

@@ -40,6 +40,15 @@ def start_parent_run(cfg: dict, *, flow_run_id: str, flow_run_name: str, flow_ru
     return run.info.run_id
 
 
+def run_url(cfg: dict, run_id: str) -> str:
+    """The run's page in the MLflow UI (the tracking server's, else `mlflow ui`'s default address),
+    in the UI's model-training view: MLflow 3.17's UI opens on GenAI traces unless the URL says so."""
+    client = _client(cfg)
+    base = client.tracking_uri if client.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def end_parent_run(cfg: dict, run_id: str, status: str) -> None:
     _client(cfg).set_terminated(run_id, status=status)
 
@@ -117,9 +126,8 @@ def markdown(report: dict[str, Any], cfg: dict, parent_run_id: str, flow_run_url
         lines += ["", f"Expert load by modality (stage 3): `{report['expert_load_plot']}`"]
     lines += [
         "",
-        f"MLflow parent run `{parent_run_id}`: `mlflow ui --backend-store-uri {uri}`"
-        if uri.startswith("sqlite")
-        else f"MLflow parent run `{parent_run_id}` on {uri}",
+        f"MLflow parent run: {run_url(cfg, parent_run_id)}"
+        + (f" (after `mlflow ui --backend-store-uri {uri}`)" if uri.startswith("sqlite") else ""),
         f"Prefect flow run: {flow_run_url or '-'} (`prefect server start` for the UI)",
     ]  # fmt: skip
     return "\n".join(lines) + "\n"

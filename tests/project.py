@@ -37,6 +37,7 @@ def command_env(**extra: str) -> dict[str, str]:
     env.update(
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         DVC_NO_ANALYTICS="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",  # loopback only: no telemetry from test servers
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         GIT_AUTHOR_NAME="t",

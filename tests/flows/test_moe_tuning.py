@@ -4,7 +4,14 @@ served, `prefect deployment run moe-tuning/full --watch` (through `python -m flo
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,6 +43,48 @@ def mlflow_runs(clone: Path) -> list:
     return client, client.search_runs([experiment.experiment_id])
 
 
+def mlflow_server_listing(clone: Path, env: dict, experiment_id: str) -> dict:
+    """Start `mlflow server` on the clone's SQLite store (127.0.0.1, a free port), list, stop it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{clone / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=clone, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"{base}{path}", data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        experiment = call(f"/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}")["experiment"]
+        runs = call("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "max_results": 100})
+        champion = call("/api/2.0/mlflow/registered-models/alias?name=moe-llava&alias=champion")
+        return {
+            "experiment_kind": {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"],
+            "runs": runs["runs"],
+            "champion": champion["model_version"],
+        }
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     clone, env = project
@@ -52,6 +101,20 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     assert "stage3/pope/mean_f1" in parent.data.metrics and "prefect.flow_run_id" in parent.data.tags
     champion = client.get_model_version_by_alias("moe-llava", "champion")
     assert str(champion.version) == "1" and parent.data.tags["registry.version"] == "1"
+
+    # What the MLflow UI shows, read over a real `mlflow server`'s REST API.
+    listed = mlflow_server_listing(clone, env, parent.info.experiment_id)
+    assert listed["experiment_kind"] == "custom_model_development"
+    by_id = {r["info"]["run_id"]: r for r in listed["runs"]}
+    assert by_id[parent.info.run_id]["info"]["status"] == "FINISHED"
+    stage_runs = [r for r in listed["runs"] if r["info"]["run_name"] in ("stage1", "stage2", "stage3")]
+    assert len(stage_runs) == 3
+    for run in stage_runs:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        datasets = {d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]}
+        assert datasets and all(name.startswith("shapesworld/") for name in datasets)
+    assert listed["champion"]["run_id"] in by_id  # the version links to a run of the pipeline
 
     # A second run: every DVC stage is up to date and skipped; the gate compares with the champion.
     out = sh(sys.executable, "-m", "flows.local", *SHRUNK, cwd=clone, env=env, timeout=600)

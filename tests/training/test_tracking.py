@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from moe_llava.training import run_stage
-from moe_llava.training.tracking import RUN_ID_FILE
+from moe_llava.training.tracking import RUN_ID_FILE, data_hash
 from tests.training.conftest import shrunk_overrides
 
 
@@ -68,6 +68,15 @@ def test_stage_run_nested_under_pipeline_run_with_params_tags_metrics_and_artifa
     exported = {a.path for a in client.list_artifacts(run_id, "export")}
     assert "export/model.safetensors" in exported and "export/tokenizer.json" in exported
     assert "upcycled layers [0, 2]" in run.data.tags["model_origin"]
+    # The UI: a model-training experiment, the stage's data as dataset inputs (digest: data.dvc's md5)
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"shapesworld/instruct_train", "shapesworld/instruct_val"}
+    assert [t.value for t in inputs["shapesworld/instruct_train"].tags] == ["training"]
+    assert inputs["shapesworld/instruct_train"].dataset.digest == data_hash().removesuffix(".dir")
+    # Lightning's CSV log beside the stage, the loss curve `dvc plots` draws
+    csv_log = (tmp_path / "artifacts" / "stage3" / "logs" / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in csv_log[0].split(",") and len(csv_log) >= 4
 
 
 def _launch_stage(overrides: list[str]) -> subprocess.Popen:

@@ -151,6 +151,7 @@ def run_stage(
         )
         enable()
 
+    data_version = data_hash()
     run = StageRun.start(
         stage_dir=paths["stage_dir"],
         stage=stage,
@@ -161,7 +162,7 @@ def run_stage(
         tags={
             "stage": stage,
             "git_commit": git_commit(),
-            "data_hash": data_hash(),
+            "data_hash": data_version,
             "model_origin": origin,
             "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
         },
@@ -169,6 +170,12 @@ def run_stage(
     )
     try:
         run.log_config(OmegaConf.to_container(cfg), OmegaConf.to_yaml(cfg))
+        if not run.resumed:
+            data_node = stage_config(cfg.data, stage)
+            for split, context in (("train", "training"), ("val", "validation")):
+                if data_node.get(split):
+                    name = f"{cfg.data.get('name', 'data')}/{Path(data_node[split]).stem}"
+                    run.log_dataset(data_node[split], name, data_version, context)
         counts = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         run.log_metrics(counts)
         result = _fit(cfg, model, tokenizer, image_processor, paths, run, resume, callbacks or [])

@@ -18,6 +18,8 @@ import yaml
 
 PARENT_RUN_ENV = "MOE_LLAVA_PARENT_RUN_ID"
 RUN_ID_FILE = "mlflow_run_id"
+# Makes the MLflow UI open the experiment as model training (runs, charts), not as GenAI traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
@@ -45,6 +47,9 @@ def ensure_experiment(name: str, logger_cfg: Mapping | None = None, client=None)
             raise ValueError(
                 f"experiment_name: MLflow experiment {name!r} is deleted; restore it or pick another name"
             )
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in experiment.tags:  # a kind someone chose in the UI stays
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = (logger_cfg or {}).get("artifact_location")
     if location and not client.tracking_uri.startswith(("http://", "https://", "databricks")):
@@ -52,7 +57,7 @@ def ensure_experiment(name: str, logger_cfg: Mapping | None = None, client=None)
         location = Path(location).resolve().as_uri()
     else:
         location = None  # a tracking server decides where artifacts go
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
@@ -154,6 +159,22 @@ class StageRun:
         items = list(params.items())
         for start in range(0, len(items), 100):  # MLflow's batch limit
             mlflow.log_params(dict(items[start : start + 100]))
+
+    def log_dataset(self, path: str | Path, name: str, digest: str | None, context: str) -> None:
+        """Record a data file as the run's dataset input (the Dataset column of the MLflow UI).
+
+        ``digest``: the DVC hash of the data version (``data.dvc``) when there is one, so runs on
+        the same data version show the same dataset; else MLflow's default digest.
+        """
+        if not self.active:
+            return
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = resolve_dataset_source(str(Path(path).resolve()))
+        digest = digest.removesuffix(".dir") if digest else None
+        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=context)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.active:
