@@ -13,6 +13,11 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 # The build the lock is resolved against (its metadata lists no CUDA packages).
 TORCH_LOCK_SPEC := torch==$(TORCH_VERSION)+cpu
 UPGRADE_VENV ?= .venv-upgrade
+# The local runs and tests send no usage telemetry (MLflow's, the Prefect server's, DVC's).
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint format lock upgrade-check clean
