@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -10,6 +13,7 @@ import torch
 
 from moe_llava.model import MoELlavaForCausalLM, SparseMoeBlock
 from moe_llava.training import run_stage
+from tests.training.conftest import shrunk_overrides
 
 
 class ParameterChangeRecorder(L.Callback):
@@ -104,3 +108,19 @@ def test_stage3_bf16_mixed_and_gradient_checkpointing_on_cpu(compose_stage, dens
     result = run_stage(compose_stage("stage3", f"init_from={dense_export}", *options), callbacks=[recorder])
     assert result["global_step"] == 3 and torch.isfinite(torch.tensor(result["train/loss"]))
     assert recorder.changed == recorder.trainable
+
+
+def test_progress_reaches_logs_without_a_terminal(shapesworld, tmp_path):
+    """Without a terminal (Prefect, DVC, SLURM logs) the bar is tqdm's: step and loss lines as it trains."""
+    overrides = [*shrunk_overrides(shapesworld, tmp_path), "stage=stage1", "trainer.enable_progress_bar=true"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_llava.train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.split(r"[\r\n]", proc.stdout + proc.stderr)
+    progress = [line for line in lines if re.search(r"\d+/\d+ \[.*train/loss=", line)]
+    assert progress, "no tqdm step/loss line in the output"

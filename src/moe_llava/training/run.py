@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -220,6 +221,10 @@ def _fit(
         run_id=run.run_id,
     )
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    if trainer_cfg.enable_progress_bar and not sys.stderr.isatty():
+        # Rich's bar (Lightning's default) draws nothing until the end without a terminal; tqdm's
+        # lines reach logs (Prefect, DVC, SLURM) as training goes.
+        callbacks.append(TQDMProgressBar(refresh_rate=int(trainer_cfg.log_every_n_steps)))
     callbacks.append(RouterStatsLogger(cfg.logger.get("router_stats_every_n_steps", 10)))
     callbacks.extend(extra_callbacks)
     trainer = L.Trainer(
