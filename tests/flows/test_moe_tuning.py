@@ -116,6 +116,20 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
         assert datasets and all(name.startswith("shapesworld/") for name in datasets)
     assert listed["champion"]["run_id"] in by_id  # the version links to a run of the pipeline
 
+    # The evaluate pipeline on the registry's champion (a models:/ URI), here called in-process
+    # in the clone (Prefect's ephemeral mode): its own folder, its own parent run.
+    script = (
+        "import json, sys; from flows.moe_tuning import moe_tuning; "
+        "r = moe_tuning(pipeline='evaluate', model='models:/moe-llava@champion', overrides=json.loads(sys.argv[1]));"
+        "print('STEPS', json.dumps([s['name'] for s in r['steps']]))"
+    )
+    evaluated = sh(sys.executable, "-c", script, json.dumps(SHRUNK), cwd=clone, env=env, timeout=300)
+    assert 'STEPS ["evaluate"]' in evaluated
+    metrics = json.loads(
+        (clone / "artifacts" / "evaluate" / "models_moe-llava_champion" / "metrics.json").read_text()
+    )
+    assert 0.0 <= metrics["pope/mean_f1"] <= 1.0
+
     # A second run: every DVC stage is up to date and skipped; the gate compares with the champion.
     out = sh(sys.executable, "-m", "flows.local", *SHRUNK, cwd=clone, env=env, timeout=600)
     for stage in ("stage1", "stage2", "stage3", "evaluate-stage2", "evaluate-stage3"):
