@@ -136,6 +136,18 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
         assert f"| {stage} |" in out and f"{stage}: up to date, skipped" in out
     assert "version 2 is challenger" in out
 
+    # The stage3 pipeline: MoE-tune again from the stage-2 export given as init_from, then evaluate.
+    script = (
+        "import json, sys; from flows.moe_tuning import moe_tuning; "
+        "r = moe_tuning(pipeline='stage3', init_from='artifacts/stage2/export', register=False, "
+        "overrides=json.loads(sys.argv[1])); print('STEPS', json.dumps([s['name'] for s in r['steps']]))"
+    )
+    retrained = sh(sys.executable, "-c", script, json.dumps(SHRUNK), cwd=clone, env=env, timeout=300)
+    assert 'STEPS ["data", "stage3", "evaluate-stage3"]' in retrained
+    newest_stage3 = next(r for r in mlflow_runs(clone)[1] if r.info.run_name == "stage3")  # newest first
+    assert newest_stage3.info.status == "FINISHED" and "upcycled" in newest_stage3.data.tags["model_origin"]
+    assert newest_stage3.data.tags["mlflow.parentRunId"] != parent.info.run_id  # this flow run's parent
+
 
 @pytest.mark.slow
 def test_a_failing_stage_fails_the_flow_with_its_own_error(project):
