@@ -43,6 +43,26 @@ def mlflow_runs(clone: Path) -> list:
     return client, client.search_runs([experiment.experiment_id])
 
 
+def flow_steps(clone: Path, env: dict, **parameters) -> list[str]:
+    """Call the flow in-process in the clone (Prefect's ephemeral mode) with SHRUNK; its step names."""
+    script = (
+        "import json, sys; from flows.moe_tuning import moe_tuning; "
+        "r = moe_tuning(overrides=json.loads(sys.argv[1]), **json.loads(sys.argv[2])); "
+        "print('STEPS', json.dumps([s['name'] for s in r['steps']]))"
+    )
+    out = sh(
+        sys.executable,
+        "-c",
+        script,
+        json.dumps(SHRUNK),
+        json.dumps(parameters),
+        cwd=clone,
+        env=env,
+        timeout=300,
+    )
+    return json.loads(out.split("STEPS ", 1)[1].splitlines()[0])
+
+
 def mlflow_server_listing(clone: Path, env: dict, experiment_id: str) -> dict:
     """Start `mlflow server` on the clone's SQLite store (127.0.0.1, a free port), list, stop it."""
     with socket.socket() as sock:
@@ -118,13 +138,7 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
 
     # The evaluate pipeline on the registry's champion (a models:/ URI), here called in-process
     # in the clone (Prefect's ephemeral mode): its own folder, its own parent run.
-    script = (
-        "import json, sys; from flows.moe_tuning import moe_tuning; "
-        "r = moe_tuning(pipeline='evaluate', model='models:/moe-llava@champion', overrides=json.loads(sys.argv[1]));"
-        "print('STEPS', json.dumps([s['name'] for s in r['steps']]))"
-    )
-    evaluated = sh(sys.executable, "-c", script, json.dumps(SHRUNK), cwd=clone, env=env, timeout=300)
-    assert 'STEPS ["evaluate"]' in evaluated
+    assert flow_steps(clone, env, pipeline="evaluate", model="models:/moe-llava@champion") == ["evaluate"]
     metrics = json.loads(
         (clone / "artifacts" / "evaluate" / "models_moe-llava_champion" / "metrics.json").read_text()
     )
@@ -137,13 +151,8 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     assert "version 2 is challenger" in out
 
     # The stage3 pipeline: MoE-tune again from the stage-2 export given as init_from, then evaluate.
-    script = (
-        "import json, sys; from flows.moe_tuning import moe_tuning; "
-        "r = moe_tuning(pipeline='stage3', init_from='artifacts/stage2/export', register=False, "
-        "overrides=json.loads(sys.argv[1])); print('STEPS', json.dumps([s['name'] for s in r['steps']]))"
-    )
-    retrained = sh(sys.executable, "-c", script, json.dumps(SHRUNK), cwd=clone, env=env, timeout=300)
-    assert 'STEPS ["data", "stage3", "evaluate-stage3"]' in retrained
+    steps = flow_steps(clone, env, pipeline="stage3", init_from="artifacts/stage2/export", register=False)
+    assert steps == ["data", "stage3", "evaluate-stage3"]
     newest_stage3 = next(r for r in mlflow_runs(clone)[1] if r.info.run_name == "stage3")  # newest first
     assert newest_stage3.info.status == "FINISHED" and "upcycled" in newest_stage3.data.tags["model_origin"]
     assert newest_stage3.data.tags["mlflow.parentRunId"] != parent.info.run_id  # this flow run's parent
