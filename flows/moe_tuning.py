@@ -1,4 +1,4 @@
-"""The `moe-tuning` Prefect flow: data -> stage 1 -> stage 2 -> stage 3 -> evaluation -> registration.
+"""The `moe-tuning` Prefect flow: data -> backbones -> stages 1-3 -> evaluation -> registration.
 
 Orchestration only. Every step is a command of the `moe_llava` package run as a subprocess (so
 Lightning's launchers, torchrun and GPUs work, and a timeout really stops it); the training and
@@ -137,7 +137,7 @@ def moe_tuning(
         if pipeline in ("full", "stage3"):
             steps.append(step("data", python("-m", "flows.data"), env))
         if pipeline == "full":
-            for stage in ("stage1", "stage2", "stage3"):
+            for stage in ("backbones", "stage1", "stage2", "stage3"):
                 steps.append(step(stage, dvc_stage(stage), env))
             for stage in ("stage2", "stage3"):
                 steps.append(step(f"evaluate-{stage}", dvc_stage(f"evaluate@{stage}"), env))

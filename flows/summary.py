@@ -80,6 +80,7 @@ def collect(run_dir: Path, steps: list[dict[str, Any]], decision: dict[str, Any]
             s: {k: v for k, v in m.items() if re.fullmatch(r"pope/(\w+/)?(f1|accuracy|yes_ratio)|pope/mean_f1|vqa/\w+/accuracy", k)}
             for s, m in evals.items()
         },
+        "backbones": _read(run_dir / "backbones" / "metrics.json"),
         "decision": decision,
         "expert_load_plot": str(plot) if plot.is_file() else None,
     }  # fmt: skip
@@ -114,6 +115,13 @@ def markdown(report: dict[str, Any], cfg: dict, parent_run_id: str, flow_run_url
             lines.append(
                 f"| {stage} | {splits} | **{_fmt(m.get('pope/mean_f1'))}** | {_fmt(m.get('vqa/test/accuracy'))} |"
             )
+    backbones = report.get("backbones") or {}
+    if "vision/val/presence_f1" in backbones or "language/val/loss" in backbones:
+        lines += [
+            "",
+            f"Backbones pretrained here: vision tower object-presence F1 (val) "
+            f"{_fmt(backbones.get('vision/val/presence_f1'))}, LM val loss {_fmt(backbones.get('language/val/loss'))}",
+        ]
     decision = report.get("decision")
     if decision:
         gate = decision["decision"]

@@ -78,8 +78,9 @@ def clone_with_tiny_data(path: Path, env: dict | None = None) -> Path:
 
 
 def clone_overrides() -> list[str]:
-    """The training tests' shrunk tiny_cpu preset, with paths relative to the clone."""
+    """The training tests' shrunk tiny_cpu preset, with paths relative to the clone; stage 1 loads the
+    backbone step's towers, as `make run` does."""
     shrunk = shrunk_overrides(Path("/unused"), Path("/unused"))
-    kept = [o for o in shrunk if not o.startswith(PATH_KEYS)]
-    assert len(kept) == len(shrunk) - len(PATH_KEYS)
+    kept = [o for o in shrunk if not o.startswith(PATH_KEYS) and o != "model.pretrained=false"]
+    assert len(kept) == len(shrunk) - len(PATH_KEYS) - 1
     return [*kept, *RELATIVE_PATHS]

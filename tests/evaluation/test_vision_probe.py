@@ -78,3 +78,37 @@ def test_probe_names_file_and_line_of_a_bad_record(shapesworld, tmp_path):
     (broken / "pope_popular.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"pope_popular.jsonl:3: record lacks field\(s\) \['object'\]"):
         run_probe(broken, TOWER, ProbeConfig(epochs=1), log=lambda _: None)
+
+
+def test_probe_of_a_pretrained_tower_keeps_it_frozen(shapesworld, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from moe_llava.model.builder import build_image_processor, build_vision_tower
+
+    tower_dir = tmp_path / "tower"
+    build_vision_tower(TOWER, pretrained=False).save_pretrained(tower_dir)
+    build_image_processor(TOWER, pretrained=False).save_pretrained(tower_dir)
+    before = load_file(tower_dir / "model.safetensors")
+    result = run_probe(
+        shapesworld,
+        {},
+        ProbeConfig(epochs=2, batch_size=8, lr=3e-3, pretrained_tower=str(tower_dir)),
+        log=lambda _: None,
+    )
+    assert result.vision_tower["hidden_size"] == 32 and len(result.epochs) == 2
+    assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"]  # the head learns
+    tower_size = sum(v.numel() for v in before.values())
+    trainable = run_probe(shapesworld, TOWER, ProbeConfig(epochs=1, batch_size=8), log=lambda _: None)
+    assert trainable.trainable_parameters - result.trainable_parameters == tower_size  # frozen tower
+    argv = [
+        "eval",
+        "vision-probe",
+        "--data-root",
+        str(shapesworld),
+        "--tower",
+        str(tower_dir),
+        "--epochs",
+        "1",
+    ]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == 1

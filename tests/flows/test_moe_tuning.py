@@ -110,14 +110,15 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     clone, env = project
     out = sh(sys.executable, "-m", "flows.local", *SHRUNK, cwd=clone, env=env, timeout=900)
     assert "Completed" in out and "| stage3 |" in out and "**champion**" in out
+    assert "| backbones |" in out and "Backbones pretrained here: vision tower object-presence F1" in out
 
     client, runs = mlflow_runs(clone)
     parents = [r for r in runs if r.data.tags.get("pipeline") == "moe-tuning"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"stage1", "stage2", "stage3", "register"} <= children
-    assert len([c for c in runs if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 6
+    assert {"backbones", "stage1", "stage2", "stage3", "register"} <= children
+    assert len([c for c in runs if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 7
     assert "stage3/pope/mean_f1" in parent.data.metrics and "prefect.flow_run_id" in parent.data.tags
     champion = client.get_model_version_by_alias("moe-llava", "champion")
     assert str(champion.version) == "1" and parent.data.tags["registry.version"] == "1"
@@ -146,7 +147,7 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
 
     # A second run: every DVC stage is up to date and skipped; the gate compares with the champion.
     out = sh(sys.executable, "-m", "flows.local", *SHRUNK, cwd=clone, env=env, timeout=600)
-    for stage in ("stage1", "stage2", "stage3", "evaluate-stage2", "evaluate-stage3"):
+    for stage in ("backbones", "stage1", "stage2", "stage3", "evaluate-stage2", "evaluate-stage3"):
         assert f"| {stage} |" in out and f"{stage}: up to date, skipped" in out
     assert "version 2 is challenger" in out
 

@@ -47,7 +47,7 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_full_pipel
         )
         assert "Completed" in out
         log = (tmp_path / "worker.log").read_text()
-        for stage in ("stage1", "stage2", "stage3", "evaluate-stage3"):
+        for stage in ("backbones", "stage1", "stage2", "stage3", "evaluate-stage3"):
             assert f"{stage}: done in" in log
         assert (
             clone / "artifacts" / "stage3" / "eval" / "metrics.json"

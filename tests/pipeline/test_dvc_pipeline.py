@@ -20,7 +20,7 @@ from moe_llava.cli import main
 from tests.project import clone_overrides, clone_with_tiny_data, sh
 
 STAGES = ("stage1", "stage2", "stage3")
-ALL = (*STAGES, "evaluate@stage2", "evaluate@stage3")
+ALL = ("backbones", *STAGES, "evaluate@stage2", "evaluate@stage3")
 EVALUATION = ["evaluation.limit=4", "evaluation.max_new_tokens=4", "evaluation.progress=false"]
 
 
@@ -50,10 +50,14 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     # 1. the whole pipeline, in dependency order
     order = ran(run("dvc", "repro", cwd=clone, timeout=400))
     assert sorted(order) == sorted(ALL)
-    assert order.index("stage1") < order.index("stage2") < order.index("stage3")
+    assert order.index("backbones") < order.index("stage1") < order.index("stage2") < order.index("stage3")
     assert order.index("stage2") < order.index("evaluate@stage2")
     assert order.index("stage3") < order.index("evaluate@stage3")
     artifacts = clone / "artifacts"
+    backbones = json.loads((artifacts / "backbones" / "metrics.json").read_text())
+    assert backbones["vision/labels"] > 0 and backbones["language/train/loss"] > 0
+    stage1 = yaml.safe_load((clone / "params" / "stage1.yaml").read_text())["model"]
+    assert stage1["pretrained"] and stage1["vision_tower"]["name_or_path"] == "artifacts/backbones/vision"
     for stage in STAGES:
         assert (artifacts / stage / "export" / "config.json").is_file()
         assert json.loads((artifacts / stage / "metrics.json").read_text())["global_step"] == 3
@@ -92,7 +96,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     before = lock(clone)
     experiment = run("dvc", "exp", "run", "-S", "params/stage3.yaml:stage.lr=0.0007", cwd=clone, timeout=300)
     assert sorted(ran(experiment)) == ["evaluate@stage3", "stage3"]
-    for stage in ("stage1", "stage2", "evaluate@stage2"):
+    for stage in ("backbones", "stage1", "stage2", "evaluate@stage2"):
         assert f"Stage '{stage}' didn't change" in experiment
     # -S rewrites the file through OmegaConf.to_object: the same values (nulls written as empty
     # values, the ${...} interpolation in hydra.run.dir resolved), stage.lr changed, nothing else
@@ -102,7 +106,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     assert rewritten == {**stage3, "stage": {**stage3["stage"], "lr": 0.0007}, "hydra": rewritten["hydra"]}
     after = lock(clone)
     assert after["stage3"]["params"]["params/stage3.yaml"]["stage"]["lr"] == 0.0007
-    for stage in ("stage1", "stage2", "evaluate@stage2"):
+    for stage in ("backbones", "stage1", "stage2", "evaluate@stage2"):
         assert after[stage] == before[stage]
     assert after["stage3"]["outs"] != before["stage3"]["outs"]  # retrained: new weights
     status = run("git", "status", "--porcelain", cwd=clone)

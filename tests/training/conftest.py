@@ -34,9 +34,14 @@ def shapesworld(tmp_path_factory) -> Path:
 
 
 def shrunk_overrides(data_root: Path, run_root: Path) -> list[str]:
-    """The real tiny_cpu preset, shrunk to seconds per stage."""
+    """The real tiny_cpu preset, shrunk to seconds per stage.
+
+    Stage 1 builds the recipe's towers from their config (random init) instead of loading the
+    backbone step's output; tests/pretrain and the pipeline tests cover that step.
+    """
     return [
         "experiment=tiny_cpu",
+        "model.pretrained=false",
         f"data.root={data_root}",
         f"run_dir={run_root}/artifacts",
         f"logger.tracking_uri=sqlite:///{run_root}/mlflow.db",
@@ -63,7 +68,11 @@ def shrunk_overrides(data_root: Path, run_root: Path) -> list[str]:
                 ("checkpoint_every_n_steps", 1),
             )
         ],
+        *[f"backbones.{part}.{key}={value}" for part in ("vision", "language") for key, value in BACKBONE_STEPS],
     ]
+
+
+BACKBONE_STEPS = (("max_steps", 3), ("batch_size", 8))
 
 
 @pytest.fixture

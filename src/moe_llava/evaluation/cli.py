@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a vision-tower config value, e.g. --set patch_size=16",
     )
+    probe.add_argument(
+        "--tower",
+        default=None,
+        help="a pretrained vision tower folder (e.g. <run_dir>/backbones/vision), probed frozen",
+    )
     probe.add_argument("--epochs", type=int, default=6)
     probe.add_argument("--batch-size", type=int, default=32)
     probe.add_argument("--lr", type=float, default=1e-3)
@@ -93,6 +98,7 @@ def _vision_probe(args: argparse.Namespace) -> int:
         lr=args.lr,
         time_budget_s=args.time_budget_s,
         seed=args.seed,
+        pretrained_tower=args.tower,
     )
     result = run_probe(args.data_root, tower, config, log=lambda line: print(line, file=sys.stderr))
     summary = {"data_root": str(args.data_root), **result.final}

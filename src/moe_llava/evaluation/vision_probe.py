@@ -31,6 +31,7 @@ from torch import nn
 from moe_llava.data.images import ImageTransform, open_image, resolve_image_path
 from moe_llava.evaluation.pope import POPE_SPLITS
 from moe_llava.model.builder import build_image_processor, build_vision_tower
+from moe_llava.pretrain.vision import ObjectHead
 
 
 @dataclass
@@ -43,6 +44,9 @@ class ProbeConfig:
     feature_layer: int = -2  # the layer the VLM's projector reads
     time_budget_s: float | None = None  # stop after the epoch that crosses it
     seed: int = 0
+    # A pretrained tower (a save_pretrained folder), kept frozen: the probe then measures what its
+    # features hold, as a VLM with a frozen tower reads them. None: the recipe's tower, random init.
+    pretrained_tower: str | None = None
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ProbeResult:
     config: dict
     vision_tower: dict
     objects: list[str]
+    trainable_parameters: int = 0
     epochs: list[dict] = field(default_factory=list)
 
     @property
@@ -88,21 +93,6 @@ def _load_split(
     return [record["image"] for record in records], pixels, objects
 
 
-class ObjectHead(nn.Module):
-    """One learned query per object cross-attends to the patch features; a logit per object."""
-
-    def __init__(self, hidden_size: int, num_objects: int, num_heads: int = 4):
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_objects, hidden_size) * 0.02)
-        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.out = nn.Linear(hidden_size, 1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        queries = self.queries.expand(features.shape[0], -1, -1)
-        pooled, _ = self.attention(queries, features, features)
-        return self.out(pooled).squeeze(-1)
-
-
 def _f1(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:
     predicted = scores >= threshold
     tp = int((predicted & labels).sum())
@@ -129,9 +119,14 @@ def run_probe(
     cfg = config or ProbeConfig()
     root = Path(data_root)
     torch.manual_seed(cfg.seed)
-    spec = {**dict(vision_tower), "name_or_path": None}  # random weights, as the tiny preset starts
-    tower = build_vision_tower(spec, pretrained=False)
-    transform = ImageTransform(build_image_processor(spec, pretrained=False), aspect="pad")
+    frozen = cfg.pretrained_tower is not None
+    if frozen:
+        spec = {"name_or_path": str(cfg.pretrained_tower)}
+    else:
+        spec = {**dict(vision_tower), "name_or_path": None}  # random weights, as the tiny recipe
+    tower = build_vision_tower(spec, pretrained=frozen)
+    transform = ImageTransform(build_image_processor(spec, pretrained=frozen), aspect="pad")
+    tower.requires_grad_(not frozen)
 
     train_ids, train_pixels, train_objects = _load_split(root, "train", transform)
     _, val_pixels, val_objects = _load_split(root, "val", transform)
@@ -169,7 +164,7 @@ def run_probe(
         )
 
     head = ObjectHead(tower.config.hidden_size, len(objects))
-    params = [*tower.parameters(), *head.parameters()]
+    params = [p for p in (*tower.parameters(), *head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(len(train_ids) // cfg.batch_size, 1)
     total = cfg.epochs * steps_per_epoch
@@ -187,15 +182,17 @@ def run_probe(
     def predict(pixels: torch.Tensor) -> torch.Tensor:
         tower.eval(), head.eval()
         out = torch.cat([logits(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
-        tower.train(), head.train()
+        tower.train(not frozen), head.train()
         return out
 
     result = ProbeResult(
         config=asdict(cfg),
         vision_tower=json.loads(tower.config.to_json_string()),
         objects=objects,
+        trainable_parameters=sum(p.numel() for p in params),
     )
     start = time.perf_counter()
+    tower.train(not frozen)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train_ids))
         losses = []

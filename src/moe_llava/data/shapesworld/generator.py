@@ -40,6 +40,7 @@ from moe_llava.data.shapesworld.text import (
     SceneText,
     caption_conversation,
     instruction_conversation,
+    polling_conversation,
     text_only_conversation,
     vqa_question,
 )
@@ -80,6 +81,8 @@ class ShapesWorldConfig:
     short_answer_prob: float = 0.5
     text_only_fraction: float = 0.08
     hard_negative_prob: float = 0.5  # training "No" questions drawn like POPE popular/adversarial
+    polling_per_image: int = 2  # extra conversations of short existence questions per image
+    polling_turns: int = 6  # questions per polling conversation (half "Yes", half "No")
     vqa_per_image: int = 2
     pope_max_positives: int = 3
     # tokenizer
@@ -121,6 +124,8 @@ class ShapesWorldConfig:
             raise ValueError("image_size must be >= 16")
         if min(self.train_images, self.val_images, self.test_images) < 1:
             raise ValueError("every split needs at least one image")
+        if self.polling_per_image < 0 or self.polling_turns < 1:
+            raise ValueError("need polling_per_image >= 0 and polling_turns >= 1")
         if not 0 < self.min_object_frac <= self.max_object_frac < 0.9:
             raise ValueError("need 0 < min_object_frac <= max_object_frac < 0.9")
 
@@ -257,6 +262,15 @@ def _generate_into(out: Path, cfg: ShapesWorldConfig, progress: bool) -> dict:
                 )
                 instruct.append(
                     {"id": f"inst-{rec['id']}-{j}", "image": rec["image"], "conversations": conversation}
+                )
+            polling = scene_text(split, rec, "polling")
+            for j in range(cfg.polling_per_image):
+                instruct.append(
+                    {
+                        "id": f"poll-{rec['id']}-{j}",
+                        "image": rec["image"],
+                        "conversations": polling_conversation(polling, cfg.polling_turns),
+                    }
                 )
             if text.rng.random() < cfg.text_only_fraction:
                 instruct.append(

@@ -226,6 +226,39 @@ def instruction_conversation(
     return conversation
 
 
+def polling_conversation(text: SceneText, turns: int) -> list[dict]:
+    """Short existence questions about one scene, half "Yes" and half "No", in random order.
+
+    Dense grounding supervision, like the short-answer VQA that makes up much of LLaVA-1.5's
+    instruction mix: one image, several one-word answers. Half of the absent objects share a
+    colour or a shape with a present one (near misses); the others come from ``text.negatives``
+    (random or hard, as for the other training questions).
+    """
+    rng = text.rng
+    present = sorted(text.names)
+    n_yes = (turns + 1) // 2
+    positives = rng.sample(present, min(n_yes, len(present)))
+    positives += rng.choices(present, k=n_yes - len(positives))
+    near = [
+        name
+        for name in all_objects()
+        if name not in text.names
+        and any(name.split(" ")[0] == p.split(" ")[0] or name.split(" ")[1] == p.split(" ")[1] for p in present)
+    ]
+    n_no = turns - n_yes
+    n_near = min(n_no // 2, len(near))
+    negatives = rng.sample(near, n_near)
+    negatives += text.negatives(rng, set(text.names) | set(negatives), n_no - n_near)
+    questions = [(name, "Yes") for name in positives] + [(name, "No") for name in negatives]
+    rng.shuffle(questions)
+    conversation: list[dict] = []
+    for t, (name, answer) in enumerate(questions):
+        question = f"Is there {_article(name)} in the image?\n{SHORT_ANSWER_SUFFIX}"
+        conversation.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if t == 0 else question})
+        conversation.append({"from": "gpt", "value": answer})
+    return conversation
+
+
 def caption_conversation(text: SceneText) -> list[dict]:
     return [
         {"from": "human", "value": f"{IMAGE_TOKEN}\n{text.rng.choice(CAPTION_PROMPTS)}"},
