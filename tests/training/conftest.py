@@ -68,7 +68,11 @@ def shrunk_overrides(data_root: Path, run_root: Path) -> list[str]:
                 ("checkpoint_every_n_steps", 1),
             )
         ],
-        *[f"backbones.{part}.{key}={value}" for part in ("vision", "language") for key, value in BACKBONE_STEPS],
+        *[
+            f"backbones.{part}.{key}={value}"
+            for part in ("vision", "language")
+            for key, value in BACKBONE_STEPS
+        ],
     ]
 
 

@@ -243,7 +243,9 @@ def polling_conversation(text: SceneText, turns: int) -> list[dict]:
         name
         for name in all_objects()
         if name not in text.names
-        and any(name.split(" ")[0] == p.split(" ")[0] or name.split(" ")[1] == p.split(" ")[1] for p in present)
+        and any(
+            name.split(" ")[0] == p.split(" ")[0] or name.split(" ")[1] == p.split(" ")[1] for p in present
+        )
     ]
     n_no = turns - n_yes
     n_near = min(n_no // 2, len(near))
