@@ -81,7 +81,7 @@ CONFIG_OPTIONS: tuple[tuple[tuple[str, ...], str, dict], ...] = (
         "max_steps",
         {"type": int, "help": "e2e: optimizer steps per stage (default: the preset's; quick: 2)"},
     ),
-    (("--stages",), "stages", {"nargs": "+", "help": "e2e: stages to run (default stage1 stage2 stage3)"}),
+    (("--stages",), "stages", {"nargs": "+", "help": "e2e: stages to run (default backbones stage1 stage2 stage3)"}),
     (
         ("--override",),
         "hydra_overrides",

@@ -108,7 +108,14 @@ def run(cfg: DataBenchConfig, log=print) -> dict:
 
     start = time.perf_counter()
     root, source = world.resolve(cfg.data_root, cfg.generate_world)
-    overrides = ["experiment=tiny_cpu", "stage=stage2", f"data.root={root}", *cfg.hydra_overrides]
+    # Random weights (no backbone step needed): a training step costs the same with any values.
+    overrides = [
+        "experiment=tiny_cpu",
+        "stage=stage2",
+        "model.pretrained=false",
+        f"data.root={root}",
+        *cfg.hydra_overrides,
+    ]
     hcfg = resolve_stage_config(compose(overrides), overrides)
     tokenizer = tokenizer_from_config(hcfg.data)
     image_processor = build_image_processor(hcfg.model.vision_tower, pretrained=bool(hcfg.model.pretrained))

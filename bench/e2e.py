@@ -42,7 +42,7 @@ from bench.data_pipeline import compose
 from bench.timing import LoadMonitor, summarize
 
 NAME = "e2e"
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = ("backbones", "stage1", "stage2", "stage3")  # backbones: the embedded default's pretraining step
 EVAL_MODULE = (
     "moe_llava.evaluate"  # Hydra entry: python -m moe_llava.evaluate experiment=tiny_cpu stage=stage3
 )
@@ -93,7 +93,8 @@ def pipeline_overrides(cfg: E2EBenchConfig, data_root: Path, run_root: Path) -> 
     if cfg.quick_settings:
         overrides += ["trainer.enable_progress_bar=false", "logger.log_system_metrics=false"]
     if cfg.max_steps is not None:
-        overrides += [f"++stage_overrides.{stage}.max_steps={int(cfg.max_steps)}" for stage in STAGES]
+        overrides += [f"++stage_overrides.{stage}.max_steps={int(cfg.max_steps)}" for stage in STAGES[1:]]
+        overrides += [f"backbones.{part}.max_steps={int(cfg.max_steps)}" for part in ("vision", "language")]
     return [*overrides, *cfg.hydra_overrides]
 
 
@@ -175,6 +176,16 @@ def _one_pipeline(cfg: E2EBenchConfig, data_root: Path, log) -> tuple[dict, list
     checks: list[dict] = []
     try:
         for stage in cfg.stages:
+            if stage == "backbones":
+                from moe_llava.pretrain import run_backbones
+
+                start = time.perf_counter()
+                with contextlib.redirect_stdout(sys.stderr):
+                    run_backbones(compose([*overrides, "stage=stage1"]))
+                stages[stage] = {"seconds": time.perf_counter() - start, "fit_s": None, "train_batches": 0,
+                                 "batch_seconds": [], "global_step": None, "train_loss": None, "val_loss": None}  # fmt: skip
+                log(f"[{NAME}] {stage}: {stages[stage]['seconds']:6.1f} s")
+                continue
             command_line = [*overrides, f"stage={stage}"]
             hcfg = compose(command_line)
             timer = _fit_timer()

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from moe_llava.constants import IMAGE_TOKEN
 from moe_llava.data.manifest import iter_entries
+from moe_llava.data.sampler import ModalityGroupedBatchSampler
 from moe_llava.data.templates import TemplateError, get_template
 
 
@@ -45,6 +46,8 @@ def text_samples(path: Path, template: str, tokenizer, max_length: int) -> list[
 
 
 def loader(samples: list[torch.Tensor], pad_id: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of similar lengths (little padding), in a seeded random order."""
+
     def collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
         mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0)
@@ -54,7 +57,7 @@ def loader(samples: list[torch.Tensor], pad_id: int, batch_size: int, shuffle: b
             "labels": input_ids.masked_fill(mask == 0, -100),
         }
 
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        samples, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
+    batches = ModalityGroupedBatchSampler(
+        [False] * len(samples), [len(s) for s in samples], batch_size, shuffle=shuffle, seed=seed
     )
+    return DataLoader(samples, batch_sampler=batches, collate_fn=collate)
