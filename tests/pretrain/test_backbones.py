@@ -33,7 +33,19 @@ def test_backbones_are_pretrained_saved_and_loaded_by_stage1(compose_stage, tmp_
             "clip_vision_model" if part == "vision" else "llama"
         )
         assert (out / "logs" / part / "metrics.csv").is_file()
-    # The classifier head is not part of the saved tower; the tower's weights moved from init.
+    # One MLflow run, ended FINISHED, holding the step's metrics; a failing step's run ends FAILED.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = (out / "mlflow_run_id").read_text()
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED" and finished.info.run_name == "backbones"
+    assert finished.data.metrics["vision/val/presence_f1"] == pytest.approx(metrics["vision/val/presence_f1"])
+    broken = compose_stage("stage1", "model.pretrained=true", "backbones.vision.train=no_such.jsonl")
+    with pytest.raises(Exception, match=r"no_such\.jsonl"):
+        run_backbones(broken)
+    assert client.get_run((out / "mlflow_run_id").read_text()).info.status == "FAILED"
+    # The object head is not part of the saved tower.
     vision = load_file(out / "vision" / "model.safetensors")
     assert not any("classifier" in key for key in vision)
 

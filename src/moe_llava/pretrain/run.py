@@ -172,7 +172,7 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
         tags={"stage": "backbones", "git_commit": git_commit(), "data_hash": data_hash()},
         is_global_zero=True,
     )
-    try:
+    with run:  # FINISHED, or KILLED / FAILED with the error
         run.log_config(OmegaConf.to_container(cfg.backbones), OmegaConf.to_yaml(cfg.backbones))
         metrics: dict[str, Any] = {}
         for part, pretrain in (("vision", pretrain_vision), ("language", pretrain_language)):
@@ -180,12 +180,5 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
                 L.seed_everything(int(cfg.seed), workers=True)
                 metrics.update(pretrain(cfg, out_dir, run))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        run.log_metrics({k.replace("/", "_") if "wall" in k else k: v for k, v in metrics.items()})
-        run.end("FINISHED")
-        return metrics
-    except KeyboardInterrupt:
-        run.end("KILLED")
-        raise
-    except BaseException:
-        run.end("FAILED")
-        raise
+        run.log_metrics(metrics)
+    return metrics

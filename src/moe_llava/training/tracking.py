@@ -191,6 +191,16 @@ class StageRun:
 
             mlflow.log_artifacts(str(local_dir), artifact_path)
 
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """Ends the run: FINISHED, KILLED on Ctrl-C, FAILED on any other error (which propagates)."""
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
     def end(self, status: str = "FINISHED") -> None:
         if self.active:
             import mlflow
