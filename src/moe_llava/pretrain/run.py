@@ -21,10 +21,9 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM
 
 from moe_llava.data.config import tokenizer_from_config
-from moe_llava.model.builder import build_image_processor, tower_config
+from moe_llava.model.builder import build_language_model
 from moe_llava.pretrain import language, vision
 from moe_llava.pretrain.lit import PretrainModule
 from moe_llava.training.tracking import StageRun, data_hash, git_commit, tracking_uri
@@ -98,9 +97,7 @@ def pretrain_vision(cfg: DictConfig, out_dir: Path, run: StageRun) -> dict[str, 
         trainer.validate(module, val, verbose=False)  # also when max_steps ended training mid-epoch
         metrics.update(_scalars(trainer, "vision"))
         metrics.update({f"vision/{k}": v for k, v in vision.presence_f1(model, val).items()})
-    image_processor = build_image_processor(
-        {**dict(cfg.model.vision_tower), "name_or_path": None}, pretrained=False
-    )
+    image_processor = data.transform.image_processor
     _atomic_save(lambda tmp: vision.save_tower(model, image_processor, tmp), out_dir / "vision")
     metrics["vision/wall_time_s"] = time.perf_counter() - started
     return metrics
@@ -121,11 +118,10 @@ def pretrain_language(cfg: DictConfig, out_dir: Path, run: StageRun) -> dict[str
             for s in language.text_samples(root / name, settings.template, tokenizer, max_length)
         ]
 
-    config = tower_config({**dict(cfg.model.language_model), "name_or_path": None}, "language_model")
-    config.vocab_size = len(tokenizer)
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(config, name, getattr(tokenizer, name))
-    model = AutoModelForCausalLM.from_config(config)
+    # The recipe's LM from its config values, sized to the tokenizer (as stage 1 builds one).
+    model = build_language_model(
+        {**dict(cfg.model.language_model), "name_or_path": None}, pretrained=False, tokenizer=tokenizer
+    )
     module = PretrainModule(
         model, float(settings.lr), float(settings.weight_decay), float(settings.warmup_ratio)
     )
