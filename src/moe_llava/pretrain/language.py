@@ -45,9 +45,8 @@ def text_samples(path: Path, template: str, tokenizer, max_length: int) -> list[
 
 
 def loader(samples: list[torch.Tensor], pad_id: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """Seeded random batches. (Length-grouped batches pad less and took 151 s instead of 222 s
-    for the ShapesWorld epoch, but their LM left stage 2 at POPE 0.486 instead of 0.845:
-    docs/experiments.md.)"""
+    """Seeded random batches (length-grouped ones pad less, but their LM trained a worse stage 2:
+    docs/experiments.md)."""
 
     def collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
