@@ -155,6 +155,7 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["stage.epochs=two"], "stage.epochs"),
         (["moe.router_aux_loss_coef=-1"], "moe.router_aux_loss_coef"),
         (["trainer.accelerator=quantum"], "trainer.accelerator"),
+        (["++stage_overrides.stage1.lr=0.1"], "stage_overrides"),  # the old mechanism is not ignored
     ],
 )
 def test_invalid_settings_name_the_key(overrides, key):

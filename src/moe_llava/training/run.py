@@ -66,25 +66,33 @@ def stage_paths(cfg: DictConfig) -> dict[str, Path]:
     }
 
 
-def _load_model_and_processors(cfg: DictConfig, init_dir: Path | None):
-    moe_settings, coefficients = split_moe_settings(OmegaConf.to_container(cfg.moe))
+def load_model_and_processors(
+    model_cfg: DictConfig,
+    moe_cfg: DictConfig,
+    data_cfg: DictConfig,
+    stage_cfg: DictConfig,
+    init_dir: Path | None,
+):
+    """The stage's model (built from ``model_cfg`` or loaded from ``init_dir``, upcycled with ``moe_cfg``
+    when the stage says so), its tokenizer and image processor, and where the model came from."""
+    moe_settings, coefficients = split_moe_settings(OmegaConf.to_container(moe_cfg))
     if init_dir is None:  # stage 1 (or a later stage without a previous export): the recipe
-        default_tokenizer = cfg.model.language_model.get("name_or_path")
-        tokenizer = tokenizer_from_config(cfg.data, default=default_tokenizer)
-        image_processor = build_image_processor(cfg.model.vision_tower, pretrained=cfg.model.pretrained)
+        default_tokenizer = model_cfg.language_model.get("name_or_path")
+        tokenizer = tokenizer_from_config(data_cfg, default=default_tokenizer)
+        image_processor = build_image_processor(model_cfg.vision_tower, pretrained=model_cfg.pretrained)
     else:
         from transformers import AutoImageProcessor
 
         tokenizer = load_tokenizer(init_dir)
         image_processor = AutoImageProcessor.from_pretrained(str(init_dir))
     model, origin = load_stage_model(
-        cfg.stage.name,
+        stage_cfg.name,
         init_dir,
-        lambda: instantiate(cfg.model, tokenizer=tokenizer),
-        upcycle=bool(cfg.stage.upcycle),
+        lambda: instantiate(model_cfg, tokenizer=tokenizer),
+        upcycle=bool(stage_cfg.upcycle),
         moe_settings=moe_settings,
     )
-    for key, value in coefficients.items():
+    for key, value in coefficients.items():  # the moe group is their only source
         setattr(model.config, key, value)
     return model, tokenizer, image_processor, origin
 
@@ -125,7 +133,9 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         shutil.rmtree(paths["checkpoints"], ignore_errors=True)
         completed_marker.unlink(missing_ok=True)
 
-    model, tokenizer, image_processor, origin = _load_model_and_processors(cfg, paths["init"])
+    model, tokenizer, image_processor, origin = load_model_and_processors(
+        cfg.model, cfg.moe, cfg.data, cfg.stage, paths["init"]
+    )
     configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
     if cfg.stage.gradient_checkpointing:
         # transformers 5.24 renamed it (the old name warns, and goes in v6); older 5.x only has the old one.

@@ -172,6 +172,12 @@ def accumulation_steps(stage_cfg: Mapping, world: int) -> int:
 
 def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool = True) -> None:
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    if cfg.get("stage_overrides"):  # the old preset mechanism: say so rather than ignore the values
+        raise ConfigError(
+            "stage_overrides",
+            "removed: an experiment's per-stage values are conf/stage_preset/<experiment>/<stage>.yaml, "
+            "and stage.<key>=... on the command line wins over them",
+        )
     stage = structured(StageConfig, cfg.stage, "stage")
     if not cfg.get("train_modules"):
         groups = stage.trainable
