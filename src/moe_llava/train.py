@@ -15,13 +15,11 @@ from moe_llava.paths import CONF_DIR
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     from moe_llava.training import run_stage
     from moe_llava.training.validation import ConfigError
 
     try:
-        result = run_stage(cfg, command_line=HydraConfig.get().overrides.task)
+        result = run_stage(cfg)
     except ConfigError as err:  # one readable line, before any work started
         print(f"moe-llava train: config error: {err}", file=sys.stderr)
         sys.exit(2)

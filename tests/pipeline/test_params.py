@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe_llava.cli import main
+from moe_llava.paths import CONF_DIR
 from moe_llava.pipeline.params import (
     DEFAULT_OVERRIDES,
     STAGES,
@@ -55,11 +57,12 @@ def test_committed_params_are_the_default_overrides(defaults):
     for stage in STAGES:
         assert load(REPO / "params" / f"{stage}.yaml") == defaults[stage]
         assert defaults[stage]["stage"]["name"] == stage
-        assert defaults[stage]["stage_overrides"] == {}  # merged into `stage` already
+        assert "stage_overrides" not in defaults[stage]  # Hydra merged the stage preset into `stage`
+    assert defaults["stage3"]["stage"]["max_steps"] == 200  # conf/stage_preset/tiny_cpu/stage3.yaml
 
 
 def test_explicit_stage_value_changes_every_stage_and_nothing_else(tmp_path, defaults):
-    """`stage.lr=...` on the command line wins over every stage's preset (resolve_stage_config)."""
+    """`stage.lr=...` on the command line wins over every stage's preset (Hydra's own precedence)."""
     assert main(["pipeline", "params", "--out", str(tmp_path), *DEFAULT_OVERRIDES, "stage.lr=0.123"]) == 0
     for stage in STAGES:
         written = load(tmp_path / f"{stage}.yaml")
@@ -67,9 +70,15 @@ def test_explicit_stage_value_changes_every_stage_and_nothing_else(tmp_path, def
         assert differences(written, defaults[stage]) == {"stage.lr"}
 
 
-def test_stage3_preset_value_changes_stage3_only(tmp_path, defaults):
+def test_stage3_preset_value_changes_stage3_only(tmp_path, defaults, monkeypatch):
     """A stage-3-only value changes params/stage3.yaml only: DVC reruns stage 3 and nothing before it."""
-    overrides = [*DEFAULT_OVERRIDES, "++stage_overrides.stage3.lr=0.123"]
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    preset = conf / "stage_preset" / "tiny_cpu" / "stage3.yaml"
+    preset.write_text(preset.read_text().replace("lr: 5.0e-4\n", "lr: 0.123\n"))
+    monkeypatch.setattr("moe_llava.config.CONF_DIR", conf)
+    tmp_path = tmp_path / "params"
+    overrides = list(DEFAULT_OVERRIDES)
     changed = write_params(overrides, tmp_path)
     assert len(changed) == 3  # new files (their headers name the overrides) ...
     for stage in ("stage1", "stage2"):  # ... but the values of stages 1 and 2 are untouched
@@ -110,7 +119,7 @@ def test_check_names_the_edited_file(tmp_path, capsys):
 @pytest.mark.parametrize("stage", STAGES)
 def test_each_file_is_a_standalone_hydra_config(tmp_path, stage):
     """What `python -m moe_llava.train --config-dir params --config-name <stage>` composes."""
-    overrides = [*DEFAULT_OVERRIDES, "stage.weight_decay=0.01", f"++stage_overrides.{stage}.lr=0.123"]
+    overrides = [*DEFAULT_OVERRIDES, "stage.weight_decay=0.01", "stage.lr=0.123"]
     write_params(overrides, tmp_path)
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         loaded = compose(stage)

@@ -10,11 +10,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from moe_llava.config import resolved
 from moe_llava.pretrain import run_backbones
 from moe_llava.pretrain.language import text_samples
 from moe_llava.pretrain.vision import read_annotations
 from moe_llava.training import run_stage
-from moe_llava.training.run import resolve_stage_config
 
 
 def test_backbones_are_pretrained_saved_and_loaded_by_stage1(compose_stage, tmp_path):
@@ -51,9 +51,9 @@ def test_backbones_are_pretrained_saved_and_loaded_by_stage1(compose_stage, tmp_
 
     # Stage 1 loads both through from_pretrained; it trains only the projector, so the towers it
     # exports are exactly the pretrained ones.
-    resolved = resolve_stage_config(cfg)
-    assert resolved.model.pretrained and resolved.model.vision_tower.name_or_path == str(out / "vision")
-    run_stage(compose_stage("stage1", "model.pretrained=true", "++stage_overrides.stage1.max_steps=1"))
+    stage1 = resolved(cfg)
+    assert stage1.model.pretrained and stage1.model.vision_tower.name_or_path == str(out / "vision")
+    run_stage(compose_stage("stage1", "model.pretrained=true", "stage.max_steps=1"))
     exported = load_file(tmp_path / "artifacts" / "stage1" / "export" / "model.safetensors")
     language = load_file(out / "language" / "model.safetensors")
     for saved, prefix in ((vision, "vision_tower."), (language, "language_model.")):

@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from moe_llava.config import resolved
 from moe_llava.data.shapesworld import generate_shapesworld
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.inference import Answerer
@@ -26,7 +27,7 @@ from moe_llava.model.builder import build_image_processor
 from moe_llava.paths import CONF_DIR
 from moe_llava.registry.gate import GateSettings
 from moe_llava.registry.registry import CHAMPION, ModelRegistry
-from moe_llava.training.run import export_stage, resolve_stage_config
+from moe_llava.training.run import export_stage
 from tests.training.conftest import TINY_WORLD, shrunk_overrides
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet test logs
@@ -53,7 +54,7 @@ def tiny_export(world, registry_root) -> Path:
     seed so that greedy answers differ between images (an untrained model answers ':::' to all)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[*shrunk_overrides(world, registry_root), "stage=stage2"])
-    cfg = resolve_stage_config(cfg)
+    cfg = resolved(cfg)
     tokenizer = load_tokenizer(world / "tokenizer")
     torch.manual_seed(0)
     model = instantiate(cfg.model, tokenizer=tokenizer)

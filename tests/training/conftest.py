@@ -9,11 +9,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from moe_llava.config import resolved
 from moe_llava.data.shapesworld import generate_shapesworld
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.model.builder import build_image_processor
 from moe_llava.paths import CONF_DIR
-from moe_llava.training.run import export_stage, resolve_stage_config
+from moe_llava.training.run import export_stage
 
 TINY_WORLD = {
     "train_images": 48,
@@ -47,7 +48,7 @@ def shrunk_overrides(data_root: Path, run_root: Path) -> list[str]:
         f"logger.tracking_uri=sqlite:///{run_root}/mlflow.db",
         f"logger.artifact_location={run_root}/mlartifacts",
         "logger.log_system_metrics=false",
-        "logger.router_stats_every_n_steps=1",
+        "callbacks.router_stats.every_n_steps=1",
         "model.vision_tower.config.image_size=32",
         "model.vision_tower.config.patch_size=8",
         "model.vision_tower.config.hidden_size=32",
@@ -58,16 +59,11 @@ def shrunk_overrides(data_root: Path, run_root: Path) -> list[str]:
         "data.max_length=1024",
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1",
-        *[
-            f"++stage_overrides.{stage}.{key}={value}"
-            for stage in ("stage1", "stage2", "stage3")
-            for key, value in (
-                ("micro_batch_size", 4),
-                ("global_batch_size", 8),
-                ("max_steps", 3),
-                ("checkpoint_every_n_steps", 1),
-            )
-        ],
+        # on the command line, these win over the preset's values of every stage
+        "stage.micro_batch_size=4",
+        "stage.global_batch_size=8",
+        "stage.max_steps=3",
+        "stage.checkpoint_every_n_steps=1",
         *[
             f"backbones.{part}.{key}={value}"
             for part in ("vision", "language")
@@ -93,7 +89,7 @@ def compose_stage(shapesworld, tmp_path):
 @pytest.fixture
 def dense_export(compose_stage, shapesworld, tmp_path) -> Path:
     """A dense `save_pretrained` export, as stage 2 leaves it (built directly, no training)."""
-    cfg = resolve_stage_config(compose_stage("stage2"))
+    cfg = resolved(compose_stage("stage2"))
     tokenizer = load_tokenizer(shapesworld / "tokenizer")
     model = instantiate(cfg.model, tokenizer=tokenizer)
     export = tmp_path / "dense_export"

@@ -32,4 +32,4 @@ if __name__ == "__main__":
     out_dir, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    run_stage(cfg, command_line=overrides, callbacks=[SaveRankWeights(out_dir)])
+    run_stage(cfg, callbacks=[SaveRankWeights(out_dir)])

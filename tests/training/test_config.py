@@ -6,18 +6,16 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from moe_llava.config import compose_config
 from moe_llava.model.upcycle import find_decoder_layers
 from moe_llava.paths import CONF_DIR
 from moe_llava.training.lit_module import param_groups
-from moe_llava.training.run import resolve_stage_config
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
 from moe_llava.training.validation import ConfigError, validate_stage_config
 
 
-def composed(*overrides: str, command_line: tuple[str, ...] = ()) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return OmegaConf.to_container(resolve_stage_config(cfg, command_line or overrides))
+def composed(*overrides: str) -> dict:
+    return OmegaConf.to_container(compose_config(overrides))
 
 
 @pytest.mark.parametrize("experiment", ["tiny_cpu", "phi2_clip336", "qwen_clip336", "stablelm_clip336"])
@@ -51,6 +49,62 @@ def test_paper_recipes_keep_paper_hyperparameters():
 def test_command_line_stage_values_win_over_the_preset():
     assert composed("experiment=tiny_cpu", "stage=stage2")["stage"]["lr"] == 2e-3  # preset value
     assert composed("experiment=tiny_cpu", "stage=stage2", "stage.lr=0.123")["stage"]["lr"] == 0.123
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_stage_presets_compose_with_hydra(stage):
+    """stage_preset/<experiment>/<stage>.yaml is chosen by Hydra's defaults list: it wins over
+    stage/<stage>.yaml, the command line wins over it, and without an experiment there is none."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        plain = compose("config", overrides=[f"stage={stage}"])
+        tiny = compose(
+            "config", overrides=["experiment=tiny_cpu", f"stage={stage}"], return_hydra_config=True
+        )
+        explicit = compose("config", overrides=["experiment=tiny_cpu", f"stage={stage}", "stage.epochs=7"])
+    assert tiny.hydra.runtime.choices["stage_preset@stage"] == f"tiny_cpu/{stage}"
+    preset = OmegaConf.load(CONF_DIR / "stage_preset" / "tiny_cpu" / f"{stage}.yaml")
+    defaults = OmegaConf.load(CONF_DIR / "stage" / f"{stage}.yaml")
+    assert OmegaConf.to_container(plain.stage) == OmegaConf.to_container(defaults)
+    assert OmegaConf.to_container(tiny.stage) == OmegaConf.to_container(OmegaConf.merge(defaults, preset))
+    assert preset.epochs != 7 and explicit.stage.epochs == 7
+    assert OmegaConf.to_container(explicit.stage) == {**OmegaConf.to_container(tiny.stage), "epochs": 7}
+
+
+@pytest.mark.parametrize("experiment", ["tiny_cpu", "phi2_clip336", "qwen_clip336", "stablelm_clip336"])
+def test_router_loss_coefficients_have_one_source(experiment):
+    cfg = composed(f"experiment={experiment}", "moe.router_aux_loss_coef=0.05")
+    assert "router_aux_loss_coef" not in cfg["model"] and "router_z_loss_coef" not in cfg["model"]
+    assert cfg["moe"]["router_aux_loss_coef"] == 0.05
+
+
+def test_trainer_callbacks_and_loggers_are_instantiated_from_config(tiny_vlm, tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+
+    from moe_llava.training.callbacks import RouterStatsLogger
+    from moe_llava.training.run import build_trainer, stage_paths
+
+    cfg = compose_config(
+        [
+            "experiment=tiny_cpu",
+            "stage=stage3",
+            f"run_dir={tmp_path}",
+            f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "trainer.enable_progress_bar=false",
+            "callbacks.router_stats.every_n_steps=3",
+            "stage.micro_batch_size=8",
+        ]
+    )
+    trainer = build_trainer(cfg, tiny_vlm, stage_paths(cfg), run_id=None, extra_callbacks=[])
+    assert (trainer.max_steps, trainer.max_epochs, trainer.accumulate_grad_batches) == (200, 1, 4)
+    assert trainer.gradient_clip_val == 1.0 and trainer.num_sanity_val_steps == 0
+    assert {ModelCheckpoint, LearningRateMonitor, RouterStatsLogger} <= {type(c) for c in trainer.callbacks}
+    checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+    assert checkpoint.dirpath == str(tmp_path / "stage3" / "checkpoints")
+    assert checkpoint._every_n_train_steps == 50  # the tiny_cpu preset's stage.checkpoint_every_n_steps
+    assert next(c for c in trainer.callbacks if isinstance(c, RouterStatsLogger)).every_n_steps == 3
+    assert [type(lg) for lg in trainer.loggers] == [MLFlowLogger, CSVLogger]
+    assert trainer.loggers[1].log_dir == str(tmp_path / "stage3" / "logs")
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp", "deepspeed_stage_2"])
@@ -97,6 +151,11 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["resume=sometimes"], "resume"),
         (["stage.lr_scale={vision:0.1}"], "stage.lr_scale.vision"),
         (["stage.lr_scale={vision_tower:0}"], "stage.lr_scale.vision_tower"),
+        (["+stage.learning_rate=0.1"], "stage.learning_rate"),  # a typo: the schema has no such key
+        (["stage.epochs=two"], "stage.epochs"),
+        (["moe.router_aux_loss_coef=-1"], "moe.router_aux_loss_coef"),
+        (["trainer.accelerator=quantum"], "trainer.accelerator"),
+        (["++stage_overrides.stage1.lr=0.1"], "stage_overrides"),  # the old mechanism is not ignored
     ],
 )
 def test_invalid_settings_name_the_key(overrides, key):

@@ -26,7 +26,7 @@ def test_stage3_ddp_two_cpu_processes_ranks_identical(shapesworld, dense_export,
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.precision=32-true",
-        "trainer.num_workers=0",
+        "data.num_workers=0",
         "trainer.enable_progress_bar=false",
     ]
     proc = subprocess.run(

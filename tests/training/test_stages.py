@@ -41,7 +41,7 @@ def test_three_stages_train_exactly_their_parameters(compose_stage, tmp_path):
     for stage, groups in paper_sets.items():
         recorders[stage] = ParameterChangeRecorder()
         result = run_stage(
-            compose_stage(stage, f"++stage_overrides.{stage}.trainable={groups}"),
+            compose_stage(stage, f"stage.trainable={groups}"),
             callbacks=[recorders[stage]],
         )
         assert result["global_step"] == 3
@@ -74,9 +74,7 @@ def test_three_stages_train_exactly_their_parameters(compose_stage, tmp_path):
 def test_train_modules_patterns_override_the_stage_groups(compose_stage):
     recorder = ParameterChangeRecorder()
     run_stage(
-        compose_stage(
-            "stage1", "train_modules=[projector\\.linear_2]", "++stage_overrides.stage1.max_steps=2"
-        ),
+        compose_stage("stage1", "train_modules=[projector\\.linear_2]", "stage.max_steps=2"),
         callbacks=[recorder],
     )
     assert recorder.trainable == {"projector.linear_2.weight", "projector.linear_2.bias"}
@@ -84,9 +82,9 @@ def test_train_modules_patterns_override_the_stage_groups(compose_stage):
 
 
 def test_stage3_continues_from_an_existing_moe_checkpoint(compose_stage, tmp_path):
-    run_stage(compose_stage("stage1", "++stage_overrides.stage1.max_steps=1"))
-    run_stage(compose_stage("stage2", "++stage_overrides.stage2.max_steps=1"))
-    run_stage(compose_stage("stage3", "++stage_overrides.stage3.max_steps=1", "moe.layers=[1]"))
+    run_stage(compose_stage("stage1", "stage.max_steps=1"))
+    run_stage(compose_stage("stage2", "stage.max_steps=1"))
+    run_stage(compose_stage("stage3", "stage.max_steps=1", "moe.layers=[1]"))
     moe_export = tmp_path / "artifacts" / "stage3" / "export"
     # Continue MoE-tuning the MoE model on (new) data: no second upcycling, same layout.
     result = run_stage(
@@ -94,7 +92,7 @@ def test_stage3_continues_from_an_existing_moe_checkpoint(compose_stage, tmp_pat
             "stage3",
             f"init_from={moe_export}",
             "run_dir=" + str(tmp_path / "continued"),
-            "++stage_overrides.stage3.max_steps=1",
+            "stage.max_steps=1",
         )
     )
     assert result["global_step"] == 1

@@ -110,7 +110,7 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(
     long_run = [
         *shrunk_overrides(shapesworld, tmp_path),
         "stage=stage1",
-        "++stage_overrides.stage1.max_steps=500",
+        "stage.max_steps=500",
     ]
     stage_dir = tmp_path / "artifacts" / "stage1"
     _kill_after_checkpoint(_launch_stage(long_run), stage_dir / "checkpoints")
@@ -123,7 +123,7 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(
     )
     assert 0 < checkpointed < 8
 
-    result = run_stage(compose_stage("stage1", "++stage_overrides.stage1.max_steps=8"))
+    result = run_stage(compose_stage("stage1", "stage.max_steps=8"))
     assert result["resumed"] is True and result["global_step"] == 8
     assert (stage_dir / RUN_ID_FILE).read_text() == dead_run_id
     run = client.get_run(dead_run_id)
@@ -135,7 +135,7 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(
     assert set(range(checkpointed - 1)) <= steps, "the killed attempt's metrics are kept"
 
     # A completed stage re-run starts over (fresh run), it does not "resume" a finished one.
-    again = run_stage(compose_stage("stage1", "++stage_overrides.stage1.max_steps=2"))
+    again = run_stage(compose_stage("stage1", "stage.max_steps=2"))
     assert again["resumed"] is False and (stage_dir / RUN_ID_FILE).read_text() != dead_run_id
 
 
@@ -144,12 +144,12 @@ def test_killed_stage_not_resumed_is_marked_failed(shapesworld, compose_stage, t
     long_run = [
         *shrunk_overrides(shapesworld, tmp_path),
         "stage=stage1",
-        "++stage_overrides.stage1.max_steps=500",
+        "stage.max_steps=500",
     ]
     stage_dir = tmp_path / "artifacts" / "stage1"
     _kill_after_checkpoint(_launch_stage(long_run), stage_dir / "checkpoints")
     dead_run_id = (stage_dir / RUN_ID_FILE).read_text()
-    result = run_stage(compose_stage("stage1", "resume=never", "++stage_overrides.stage1.max_steps=2"))
+    result = run_stage(compose_stage("stage1", "resume=never", "stage.max_steps=2"))
     assert result["resumed"] is False and result["global_step"] == 2
     client = _client(tmp_path)
     assert client.get_run(dead_run_id).info.status == "FAILED"

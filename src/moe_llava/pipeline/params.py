@@ -1,8 +1,8 @@
 """``params/<stage>.yaml``: each stage's fully composed Hydra config, the parameters of ``dvc.yaml``.
 
 The configuration's single source is ``conf/``. ``dvc repro`` cannot compose Hydra configs, so
-``moe-llava pipeline params [overrides...]`` composes the root config once per stage (the
-experiment's per-stage preset merged in, interpolations resolved) and writes it as a standalone
+``moe-llava pipeline params [overrides...]`` composes the root config once per stage (with the
+experiment's stage preset, conf/stage_preset/<experiment>/<stage>.yaml; interpolations resolved) and writes it as a standalone
 Hydra config. The stage commands read it back with Hydra's own flags
 (``python -m moe_llava.train --config-dir params --config-name stage3``), so DVC sees exactly the
 values a stage runs with, per stage: changing a stage-3 value reruns stage 3 and what follows,
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_llava.paths import CONF_DIR
+from moe_llava.config import compose_config
 
 STAGES = ("stage1", "stage2", "stage3")
 PARAMS_DIR = Path("params")  # of the project being run: DVC and the flow run from its root
@@ -35,18 +35,9 @@ HYDRA_SETTINGS = {
 
 def compose_stage(stage: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``python -m moe_llava.train stage=<stage> <overrides>`` runs with, resolved."""
-    from hydra import compose, initialize_config_dir
-
-    from moe_llava.training.run import resolve_stage_config
-
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    overrides = [*overrides, f"stage={stage}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    cfg = resolve_stage_config(cfg, overrides)  # merges stage_overrides[<stage>], resolves
-    cfg.stage_overrides = {}  # already merged: the file is the stage's final config
-    return cfg
+    return compose_config([*overrides, f"stage={stage}"])
 
 
 def render(stage: str, overrides: Sequence[str] = ()) -> str:

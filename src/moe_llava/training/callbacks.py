@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moe_llava.model import RouterStats, moe_blocks
@@ -57,3 +59,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
+
+
+def log_progress_bar(enabled: bool, refresh_rate: int) -> TQDMProgressBar | None:
+    """tqdm's bar when the Trainer shows a bar and stderr is no terminal (logs); None: Lightning's default."""
+    return TQDMProgressBar(refresh_rate=int(refresh_rate)) if enabled and not sys.stderr.isatty() else None

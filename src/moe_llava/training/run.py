@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,15 +21,14 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from moe_llava.config import resolved
 from moe_llava.data.config import stage_config, tokenizer_from_config
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.model.builder import build_image_processor
-from moe_llava.training.callbacks import AtomicCheckpointIO, RouterStatsLogger
+from moe_llava.training.callbacks import AtomicCheckpointIO
 from moe_llava.training.datamodule import LlavaDataModule
 from moe_llava.training.lit_module import MoELlavaLitModule
 from moe_llava.training.stages import (
@@ -47,22 +45,12 @@ COMPLETED = "COMPLETED"
 
 
 def resolve_stage_config(cfg: DictConfig, command_line: Sequence[str] = ()) -> DictConfig:
-    """Merge the experiment's ``stage_overrides[<stage>]`` into ``stage`` and resolve interpolations.
+    """Deprecated: a resolved copy of ``cfg`` (stage presets are composed by Hydra now).
 
-    ``command_line``: the Hydra overrides the user typed; an explicit ``stage.<key>=...`` there
-    wins over the preset's value for that key.
+    Kept for bench/ until it composes with :func:`moe_llava.config.compose_config`.
     """
-    cfg = cfg.copy()
-    preset = (cfg.get("stage_overrides") or {}).get(cfg.stage.name)
-    if preset:
-        explicit = {
-            o.lstrip("+").split("=", 1)[0].removeprefix("stage.")
-            for o in command_line
-            if o.lstrip("+").startswith("stage.")
-        }
-        cfg.stage = OmegaConf.merge(cfg.stage, {k: v for k, v in preset.items() if k not in explicit})
-    OmegaConf.resolve(cfg)
-    return cfg
+    del command_line
+    return resolved(cfg)
 
 
 def stage_paths(cfg: DictConfig) -> dict[str, Path]:
@@ -78,25 +66,33 @@ def stage_paths(cfg: DictConfig) -> dict[str, Path]:
     }
 
 
-def _load_model_and_processors(cfg: DictConfig, init_dir: Path | None):
-    moe_settings, coefficients = split_moe_settings(OmegaConf.to_container(cfg.moe))
+def load_model_and_processors(
+    model_cfg: DictConfig,
+    moe_cfg: DictConfig,
+    data_cfg: DictConfig,
+    stage_cfg: DictConfig,
+    init_dir: Path | None,
+):
+    """The stage's model (built from ``model_cfg`` or loaded from ``init_dir``, upcycled with ``moe_cfg``
+    when the stage says so), its tokenizer and image processor, and where the model came from."""
+    moe_settings, coefficients = split_moe_settings(OmegaConf.to_container(moe_cfg))
     if init_dir is None:  # stage 1 (or a later stage without a previous export): the recipe
-        default_tokenizer = cfg.model.language_model.get("name_or_path")
-        tokenizer = tokenizer_from_config(cfg.data, default=default_tokenizer)
-        image_processor = build_image_processor(cfg.model.vision_tower, pretrained=cfg.model.pretrained)
+        default_tokenizer = model_cfg.language_model.get("name_or_path")
+        tokenizer = tokenizer_from_config(data_cfg, default=default_tokenizer)
+        image_processor = build_image_processor(model_cfg.vision_tower, pretrained=model_cfg.pretrained)
     else:
         from transformers import AutoImageProcessor
 
         tokenizer = load_tokenizer(init_dir)
         image_processor = AutoImageProcessor.from_pretrained(str(init_dir))
     model, origin = load_stage_model(
-        cfg.stage.name,
+        stage_cfg.name,
         init_dir,
-        lambda: instantiate(cfg.model, tokenizer=tokenizer),
-        upcycle=bool(cfg.stage.upcycle),
+        lambda: instantiate(model_cfg, tokenizer=tokenizer),
+        upcycle=bool(stage_cfg.upcycle),
         moe_settings=moe_settings,
     )
-    for key, value in coefficients.items():
+    for key, value in coefficients.items():  # the moe group is their only source
         setattr(model.config, key, value)
     return model, tokenizer, image_processor, origin
 
@@ -121,16 +117,10 @@ def export_stage(model, tokenizer, image_processor, export_dir: Path) -> None:
     tmp.rename(export_dir)
 
 
-def run_stage(
-    cfg: DictConfig, command_line: Sequence[str] = (), callbacks: list[L.Callback] | None = None
-) -> dict[str, Any]:
-    """Train ``cfg.stage`` and export it.
-
-    ``command_line``: the overrides ``cfg`` was composed with (see :func:`resolve_stage_config`);
-    ``callbacks`` are added to the Trainer's (programmatic use).
-    """
-    cfg = resolve_stage_config(cfg, command_line)
-    validate_stage_config(OmegaConf.to_container(cfg))
+def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train ``cfg.stage`` and export it; ``callbacks`` are added to the Trainer's (programmatic use)."""
+    cfg = resolved(cfg)
+    validate_stage_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     stage = cfg.stage.name
     paths = stage_paths(cfg)
@@ -143,7 +133,9 @@ def run_stage(
         shutil.rmtree(paths["checkpoints"], ignore_errors=True)
         completed_marker.unlink(missing_ok=True)
 
-    model, tokenizer, image_processor, origin = _load_model_and_processors(cfg, paths["init"])
+    model, tokenizer, image_processor, origin = load_model_and_processors(
+        cfg.model, cfg.moe, cfg.data, cfg.stage, paths["init"]
+    )
     configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
     if cfg.stage.gradient_checkpointing:
         # transformers 5.24 renamed it (the old name warns, and goes in v6); older 5.x only has the old one.
@@ -179,7 +171,26 @@ def run_stage(
                     run.log_dataset(data_node[split], name, data_version, context)
         counts = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         run.log_metrics(counts)
-        result = _fit(cfg, model, tokenizer, image_processor, paths, run, resume, callbacks or [])
+        trainer = build_trainer(cfg, model, paths, run.run_id, callbacks or [])
+        datamodule = LlavaDataModule(
+            cfg.data,
+            stage,
+            paths["data"],
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            num_image_tokens=model.num_image_tokens,
+            micro_batch_size=int(cfg.stage.micro_batch_size),
+            num_workers=int(cfg.data.get("num_workers", 0)),
+            seed=int(cfg.seed),
+        )
+        module = MoELlavaLitModule(
+            model,
+            lr=float(cfg.stage.lr),
+            weight_decay=float(cfg.stage.weight_decay),
+            warmup_ratio=float(cfg.stage.warmup_ratio),
+            lr_scale={str(k): float(v) for k, v in (cfg.stage.get("lr_scale") or {}).items()},
+        )
+        result = _fit(trainer, module, datamodule, paths["checkpoints"] / "last.ckpt" if resume else None)
         if rank_zero_only.rank == 0:
             record_prompt_format(model.config, cfg.data, stage)
             export_stage(model, tokenizer, image_processor, paths["export"])
@@ -200,79 +211,50 @@ def run_stage(
         raise
 
 
-def _fit(
-    cfg, model, tokenizer, image_processor, paths, run: StageRun, resume: bool, extra_callbacks
-) -> dict[str, Any]:
-    stage_cfg, trainer_cfg = cfg.stage, cfg.trainer
-    strategy = build_strategy(trainer_cfg.get("strategy", "auto"), model)
-    checkpoint = ModelCheckpoint(
-        dirpath=str(paths["checkpoints"]),
-        filename="step{step}",
-        every_n_train_steps=int(stage_cfg.checkpoint_every_n_steps),
-        save_last=True,
-        save_top_k=1,
-        auto_insert_metric_name=False,
-    )
-    logger = MLFlowLogger(
-        experiment_name=cfg.experiment_name,
-        tracking_uri=tracking_uri(
-            cfg.logger
-        ),  # every rank: the logger builds a client even where it logs nothing
-        run_id=run.run_id,
-    )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
-    if trainer_cfg.enable_progress_bar and not sys.stderr.isatty():
-        # Rich's bar (Lightning's default) draws nothing until the end without a terminal; tqdm's
-        # lines reach logs (Prefect, DVC, SLURM) as training goes.
-        callbacks.append(TQDMProgressBar(refresh_rate=int(trainer_cfg.log_every_n_steps)))
-    callbacks.append(RouterStatsLogger(cfg.logger.get("router_stats_every_n_steps", 10)))
-    callbacks.extend(extra_callbacks)
-    trainer = L.Trainer(
-        accelerator=trainer_cfg.accelerator,
-        devices=trainer_cfg.devices,
-        num_nodes=trainer_cfg.get("num_nodes", 1),
+def build_trainer(
+    cfg: DictConfig, model, paths: dict[str, Path], run_id: str | None, extra_callbacks: list[L.Callback]
+) -> L.Trainer:
+    """The Trainer of ``cfg.trainer``, with ``cfg.callbacks`` and ``cfg.logger.loggers``, all instantiated
+    from config. The stage supplies its schedule and folders, the run its MLflow run, and the model
+    the strategy's wrap policy (:func:`build_strategy`)."""
+    stage = cfg.stage
+    strategy = build_strategy(cfg.trainer.get("strategy", "auto"), model)
+    at_run_time = {
+        "model_checkpoint": {
+            "dirpath": str(paths["checkpoints"]),
+            "every_n_train_steps": int(stage.checkpoint_every_n_steps),
+        },
+        "progress_bar": {"enabled": bool(cfg.trainer.enable_progress_bar)},
+        # every rank: the MLflow logger builds a client even where it logs nothing
+        "mlflow": {"tracking_uri": tracking_uri(cfg.logger), "run_id": run_id},
+        "csv": {"save_dir": str(paths["stage_dir"])},
+    }
+    callbacks = [
+        instantiate(node, **at_run_time.get(name, {})) for name, node in cfg.callbacks.items() if node
+    ]
+    loggers = [
+        instantiate(node, **at_run_time.get(name, {})) for name, node in cfg.logger.loggers.items() if node
+    ]
+    trainer = instantiate(
+        cfg.trainer,
         strategy=strategy,
-        precision=trainer_cfg.precision,
-        max_epochs=int(stage_cfg.epochs),
-        max_steps=int(stage_cfg.get("max_steps", -1)),
-        gradient_clip_val=stage_cfg.max_grad_norm or None,
-        log_every_n_steps=int(trainer_cfg.log_every_n_steps),
-        val_check_interval=stage_cfg.get("val_every_n_steps"),
-        enable_progress_bar=bool(trainer_cfg.enable_progress_bar),
-        deterministic=bool(trainer_cfg.get("deterministic", False)),
-        # MLflow for people; the CSV (<stage>/logs/metrics.csv) for `dvc plots` and the flow's summary.
-        logger=[logger, CSVLogger(save_dir=str(paths["stage_dir"]), name="", version="logs")],
-        callbacks=callbacks,
+        max_epochs=int(stage.epochs),
+        max_steps=int(stage.max_steps),
+        gradient_clip_val=stage.max_grad_norm or None,
+        val_check_interval=stage.val_every_n_steps,
+        logger=loggers,
+        callbacks=[c for c in callbacks if c is not None] + list(extra_callbacks),
         plugins=[AtomicCheckpointIO()] if is_checkpoint_io_compatible(strategy) else None,
-        use_distributed_sampler=False,  # the modality-grouped batch sampler shards by rank itself
         default_root_dir=str(paths["stage_dir"]),
-        num_sanity_val_steps=0,
     )
-    trainer.accumulate_grad_batches = accumulation_steps(stage_cfg, trainer.world_size)
-    datamodule = LlavaDataModule(
-        cfg.data,
-        cfg.stage.name,
-        paths["data"],
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        num_image_tokens=model.num_image_tokens,
-        micro_batch_size=int(stage_cfg.micro_batch_size),
-        num_workers=int(trainer_cfg.get("num_workers", 0)),
-        seed=int(cfg.seed),
-    )
-    module = MoELlavaLitModule(
-        model,
-        lr=float(stage_cfg.lr),
-        weight_decay=float(stage_cfg.weight_decay),
-        warmup_ratio=float(stage_cfg.warmup_ratio),
-        lr_scale={str(k): float(v) for k, v in (stage_cfg.get("lr_scale") or {}).items()},
-    )
-    model.train()  # `from_pretrained` returns eval mode, and Lightning keeps the modes it finds
+    trainer.accumulate_grad_batches = accumulation_steps(stage, trainer.world_size)
+    return trainer
+
+
+def _fit(trainer: L.Trainer, module, datamodule, ckpt_path: Path | None) -> dict[str, Any]:
+    module.model.train()  # `from_pretrained` returns eval mode, and Lightning keeps the modes it finds
     trainer.fit(
-        module,
-        datamodule=datamodule,
-        ckpt_path=str(paths["checkpoints"] / "last.ckpt") if resume else None,
-        weights_only=True,
+        module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {"global_step": trainer.global_step, "epochs": trainer.current_epoch, **metrics}

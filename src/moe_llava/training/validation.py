@@ -1,27 +1,29 @@
-"""Validate a resolved stage config before any work starts; every error names the offending key."""
+"""Check a composed stage config before any work starts; every error names the offending key.
+
+The ``stage`` and ``moe`` nodes are structured configs: the dataclasses below are merged under the
+composed values, so OmegaConf rejects a wrong type, a missing or an unknown key (naming it), and
+each field's :func:`rule` states its range. Names other code owns are asked of it, not copied:
+precisions, strategies and accelerators from Lightning, backbones from transformers, layer modes
+and trainable groups from this package. The same check runs on the standalone ``params/<stage>.yaml``
+files of the DVC pipeline, which is why it does not depend on conf/'s defaults lists.
+"""
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from moe_llava.model.builder import VISION_TOWER_CLASSES
 from moe_llava.model.upcycle import LAYER_MODES
 from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
-STRATEGY_NAMES = (
-    "auto",
-    "ddp",
-    "ddp_spawn",
-    "ddp_find_unused_parameters_true",
-    "fsdp",
-    "deepspeed",
-    "deepspeed_stage_2",
-    "deepspeed_stage_3",
-    "single_device",
-)
+LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
 
 
 class ConfigError(ValueError):
@@ -32,18 +34,118 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _positive(cfg: Mapping, key: str, prefix: str, allow_zero: bool = False) -> None:
-    value = cfg.get(key)
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        raise ConfigError(
-            f"{prefix}.{key}",
-            f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}",
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+RULES = {  # field metadata -> (test, wording)
+    "gt": (lambda value, bound: value > bound, "> {}"),
+    "ge": (lambda value, bound: value >= bound, ">= {}"),
+    "lt": (lambda value, bound: value < bound, "< {}"),
+    "one_of": (lambda value, choices: value in choices, "one of {}"),
+}
+
+
+def rule(**checks: Any):
+    """A schema field whose value (when not null) must pass ``checks``: gt=0, ge=0, lt=1, one_of=(...)."""
+    return field(metadata=checks)
+
+
+class Schema:
+    """A structured config whose fields carry :func:`rule` checks; errors name ``<section>.<field>``."""
+
+    section = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for name, bound in f.metadata.items():
+                test, wording = RULES[name]
+                key = f"{self.section}.{f.name}"
+                _check(
+                    value is None or test(value, bound),
+                    key,
+                    f"must be {wording.format(bound)}, got {value!r}",
+                )
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields."""
+
+
+@dataclass
+class StageConfig(Schema):
+    """Schema of ``conf/stage/*.yaml`` (after the experiment's ``stage_preset``)."""
+
+    section = "stage"
+    name: str = rule(one_of=STAGES)
+    trainable: list[str]  # the groups of TRAINABLE_GROUPS, unless train_modules is set
+    upcycle: bool
+    lr: float = rule(gt=0)
+    global_batch_size: int = rule(gt=0)
+    micro_batch_size: int = rule(gt=0)
+    epochs: int
+    max_steps: int
+    warmup_ratio: float = rule(ge=0, lt=1)
+    weight_decay: float = rule(ge=0)
+    lr_scale: dict[str, float] | None  # per-part lr multipliers
+    max_grad_norm: float | None
+    gradient_checkpointing: bool
+    checkpoint_every_n_steps: int = rule(ge=1)
+    val_every_n_steps: int | None
+
+    def check(self) -> None:
+        for part, scale in (self.lr_scale or {}).items():
+            key = f"stage.lr_scale.{part}"
+            _check(part in LR_SCALE_PARTS, key, f"unknown part; expected one of {LR_SCALE_PARTS}")
+            _check(scale > 0, key, f"must be a number > 0, got {scale!r}")
+        _check(
+            self.epochs >= 1 or self.max_steps > 0,
+            "stage.epochs",
+            "must be >= 1 (or set stage.max_steps > 0)",
         )
+
+
+@dataclass
+class MoEConfig(Schema):
+    """Schema of ``conf/moe/*.yaml``: the upcycling layout and the loss coefficients."""
+
+    section = "moe"
+    num_experts: int = rule(ge=2)
+    top_k: int = rule(ge=1)
+    layers: Any  # a mode of LAYER_MODES or a list of layer indices
+    capacity_factor: float | None = rule(gt=0)  # null: dropless
+    eval_capacity_factor: float | None = rule(gt=0)
+    min_capacity: int = rule(ge=0)
+    second_expert_noise: bool
+    count_padding: bool
+    router_aux_loss_coef: float = rule(ge=0)
+    router_z_loss_coef: float = rule(ge=0)
+
+    def check(self) -> None:
+        experts, layers = self.num_experts, self.layers
+        _check(
+            self.top_k <= experts, "moe.top_k", f"must be in [1, moe.num_experts={experts}], got {self.top_k}"
+        )
+        if isinstance(layers, str):
+            _check(
+                layers in LAYER_MODES,
+                "moe.layers",
+                f"unknown mode {layers!r}; expected {LAYER_MODES} or indices",
+            )
+        else:
+            ok = bool(layers) and all(isinstance(i, int) for i in layers)
+            _check(ok, "moe.layers", f"expected a mode or a non-empty list of integers, got {layers!r}")
+
+
+def structured(schema: type, node: Any, key: str):
+    """``node`` as an instance of the dataclass ``schema``; errors name ``<key>.<field>``."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as err:
+        full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
+        raise ConfigError(full_key, str(err).split("\n")[0]) from None
 
 
 def world_size(trainer_cfg: Mapping) -> int | None:
@@ -52,7 +154,7 @@ def world_size(trainer_cfg: Mapping) -> int | None:
     nodes = int(trainer_cfg.get("num_nodes", 1) or 1)
     if isinstance(devices, int) and devices > 0:
         return devices * nodes
-    if isinstance(devices, (list, tuple)):
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         return len(devices) * nodes
     return None
 
@@ -68,69 +170,35 @@ def accumulation_steps(stage_cfg: Mapping, world: int) -> int:
     return global_batch // per_step
 
 
-LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
-
-
-def validate_stage_config(cfg: Mapping[str, Any], check_paths: bool = True) -> None:
-    stage = cfg["stage"]
-    name = stage.get("name")
-    if name not in STAGES:
-        raise ConfigError("stage.name", f"unknown stage {name!r}; expected one of {STAGES}")
+def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool = True) -> None:
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    if cfg.get("stage_overrides"):  # the old preset mechanism: say so rather than ignore the values
+        raise ConfigError(
+            "stage_overrides",
+            "removed: an experiment's per-stage values are conf/stage_preset/<experiment>/<stage>.yaml, "
+            "and stage.<key>=... on the command line wins over them",
+        )
+    stage = structured(StageConfig, cfg.stage, "stage")
     if not cfg.get("train_modules"):
-        groups = stage.get("trainable") or []
-        unknown = [g for g in groups if g not in TRAINABLE_GROUPS]
-        if unknown or not groups:
-            raise ConfigError(
-                "stage.trainable", f"expected a non-empty list of {TRAINABLE_GROUPS}, got {list(groups)}"
-            )
-    _positive(stage, "lr", "stage")
-    _positive(stage, "micro_batch_size", "stage")
-    _positive(stage, "global_batch_size", "stage")
-    _positive(stage, "weight_decay", "stage", allow_zero=True)
-    for part, scale in (stage.get("lr_scale") or {}).items():
-        if part not in LR_SCALE_PARTS:
-            raise ConfigError(f"stage.lr_scale.{part}", f"unknown part; expected one of {LR_SCALE_PARTS}")
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-            raise ConfigError(f"stage.lr_scale.{part}", f"must be a number > 0, got {scale!r}")
-    if not 0 <= float(stage.get("warmup_ratio", 0)) < 1:
-        raise ConfigError("stage.warmup_ratio", f"must be in [0, 1), got {stage.get('warmup_ratio')}")
-    if int(stage.get("epochs", 1)) < 1 and int(stage.get("max_steps", -1)) <= 0:
-        raise ConfigError("stage.epochs", "must be >= 1 (or set stage.max_steps > 0)")
-    if int(stage.get("checkpoint_every_n_steps", 1)) < 1:
-        raise ConfigError("stage.checkpoint_every_n_steps", "must be >= 1")
-    world = world_size(cfg["trainer"])
+        groups = stage.trainable
+        _check(
+            bool(groups) and all(g in TRAINABLE_GROUPS for g in groups),
+            "stage.trainable",
+            f"expected a non-empty list of {TRAINABLE_GROUPS}, got {list(groups)}",
+        )
+    world = world_size(cfg.trainer)
     if world is not None:
-        accumulation_steps(stage, world)
-
-    _validate_moe(cfg["moe"])
-    _validate_model(cfg["model"])
-    _validate_trainer(cfg["trainer"])
-    if cfg.get("resume", "auto") not in ("auto", "never"):
-        raise ConfigError("resume", f"expected auto or never, got {cfg.get('resume')!r}")
+        accumulation_steps(cfg.stage, world)
+    structured(MoEConfig, cfg.moe, "moe")
+    _validate_model(cfg.model)
+    _validate_trainer(cfg.trainer)
+    _check(
+        cfg.get("resume", "auto") in ("auto", "never"),
+        "resume",
+        f"expected auto or never, got {cfg.get('resume')!r}",
+    )
     if check_paths:
-        _validate_paths(cfg, name)
-
-
-def _validate_moe(moe: Mapping) -> None:
-    experts, top_k = moe.get("num_experts"), moe.get("top_k")
-    if not isinstance(experts, int) or experts < 2:
-        raise ConfigError("moe.num_experts", f"must be an integer >= 2, got {experts!r}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
-        raise ConfigError("moe.top_k", f"must be in [1, moe.num_experts={experts}], got {top_k!r}")
-    layers = moe.get("layers")
-    if isinstance(layers, str):
-        if layers not in LAYER_MODES:
-            raise ConfigError(
-                "moe.layers", f"unknown mode {layers!r}; expected {LAYER_MODES} or a list of indices"
-            )
-    elif not layers or not all(isinstance(i, int) for i in layers):
-        raise ConfigError("moe.layers", f"expected a mode or a non-empty list of integers, got {layers!r}")
-    for key in ("capacity_factor", "eval_capacity_factor"):
-        value = moe.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise ConfigError(f"moe.{key}", f"must be > 0 or null (dropless), got {value!r}")
-    for key in ("router_aux_loss_coef", "router_z_loss_coef"):
-        _positive(moe, key, "moe", allow_zero=True)
+        _validate_paths(cfg, stage.name)
 
 
 def _validate_model(model: Mapping) -> None:
@@ -139,56 +207,74 @@ def _validate_model(model: Mapping) -> None:
         config = spec.get("config") or {}
         if not spec.get("name_or_path") and not config:
             raise ConfigError(f"model.{role}", "needs name_or_path (hub id or local folder) or config values")
-        if config and "model_type" not in config:
-            raise ConfigError(f"model.{role}.config.model_type", "is missing")
+        _check(not config or "model_type" in config, f"model.{role}.config.model_type", "is missing")
     vision_type = (model.get("vision_tower", {}).get("config") or {}).get("model_type")
-    if vision_type and vision_type not in VISION_TOWER_CLASSES:
-        raise ConfigError(
-            "model.vision_tower.config.model_type",
-            f"unsupported backbone {vision_type!r}; supported: {sorted(VISION_TOWER_CLASSES)}",
-        )
+    _check(
+        not vision_type or vision_type in VISION_TOWER_CLASSES,
+        "model.vision_tower.config.model_type",
+        f"unsupported backbone {vision_type!r}; supported: {sorted(VISION_TOWER_CLASSES)}",
+    )
     lm_type = (model.get("language_model", {}).get("config") or {}).get("model_type")
     if lm_type:
         from transformers import CONFIG_MAPPING
 
-        if lm_type not in CONFIG_MAPPING:
-            raise ConfigError("model.language_model.config.model_type", f"unknown backbone {lm_type!r}")
+        _check(
+            lm_type in CONFIG_MAPPING,
+            "model.language_model.config.model_type",
+            f"unknown backbone {lm_type!r}",
+        )
+
+
+def _literal_values(tp: Any) -> set[str]:
+    args = typing.get_args(tp)
+    return {str(a) for arg in args for a in (_literal_values(arg) or {arg})} if args else set()
 
 
 def _validate_trainer(trainer: Mapping) -> None:
+    """The names Lightning accepts, from Lightning (its registries and its precision type)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    precisions = _literal_values(_PRECISION_INPUT)
     precision = str(trainer.get("precision", "32-true"))
-    if precision not in PRECISIONS:
-        raise ConfigError("trainer.precision", f"expected one of {PRECISIONS}, got {precision!r}")
+    _check(
+        precision in precisions,
+        "trainer.precision",
+        f"expected one of {sorted(precisions)}, got {precision!r}",
+    )
     strategy = trainer.get("strategy", "auto")
     if isinstance(strategy, str):
-        if strategy not in STRATEGY_NAMES:
-            raise ConfigError(
-                "trainer.strategy", f"unknown strategy {strategy!r}; expected one of {STRATEGY_NAMES}"
-            )
-    elif not isinstance(strategy, Mapping) or "_target_" not in strategy:
-        raise ConfigError("trainer.strategy", "expected a strategy name or a mapping with _target_")
-    if trainer.get("accelerator") not in ("cpu", "gpu", "cuda", "mps", "tpu", "auto"):
-        raise ConfigError("trainer.accelerator", f"unknown accelerator {trainer.get('accelerator')!r}")
+        names = ["auto", *StrategyRegistry.available_strategies()]
+        _check(
+            strategy in names, "trainer.strategy", f"unknown strategy {strategy!r}; expected one of {names}"
+        )
+    else:
+        _check(
+            isinstance(strategy, Mapping) and "_target_" in strategy,
+            "trainer.strategy",
+            "expected a strategy name or a mapping with _target_",
+        )
+    accelerators = {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}
+    accelerator = trainer.get("accelerator")
+    _check(accelerator in accelerators, "trainer.accelerator", f"unknown accelerator {accelerator!r}")
 
 
 def _validate_paths(cfg: Mapping, stage: str) -> None:
     data = cfg["data"]
     stages = data.get("stages") or {}
-    if stage not in stages:
-        raise ConfigError(f"data.stages.{stage}", "is missing from the data config")
+    _check(stage in stages, f"data.stages.{stage}", "is missing from the data config")
     train = stages[stage].get("train")
-    if not train:
-        raise ConfigError(f"data.stages.{stage}.train", "no training manifest configured")
-    if not Path(train).is_file():
-        raise ConfigError(
-            f"data.stages.{stage}.train", f"manifest {train} does not exist (generate or pull the data first)"
-        )
+    _check(bool(train), f"data.stages.{stage}.train", "no training manifest configured")
+    _check(
+        Path(train).is_file(),
+        f"data.stages.{stage}.train",
+        f"manifest {train} does not exist (generate or pull the data first)",
+    )
     val = stages[stage].get("val")
-    if val and not Path(val).is_file():
-        raise ConfigError(f"data.stages.{stage}.val", f"manifest {val} does not exist")
+    _check(not val or Path(val).is_file(), f"data.stages.{stage}.val", f"manifest {val} does not exist")
     folder = data.get("image_folder")
-    if folder and not Path(folder).is_dir():
-        raise ConfigError("data.image_folder", f"folder {folder} does not exist")
+    _check(not folder or Path(folder).is_dir(), "data.image_folder", f"folder {folder} does not exist")
     tokenizer = Path(data["tokenizer"]) if data.get("tokenizer") else None
     # A local path (absolute, or under an existing folder such as data/) must exist; else a hub id.
     if (
@@ -199,12 +285,16 @@ def _validate_paths(cfg: Mapping, stage: str) -> None:
         raise ConfigError("data.tokenizer", f"{tokenizer} does not exist")
     init_from = cfg.get("init_from")
     if init_from:
-        if not (Path(init_from) / "config.json").is_file():
-            raise ConfigError("init_from", f"{init_from} is not a save_pretrained export (no config.json)")
+        _check(
+            (Path(init_from) / "config.json").is_file(),
+            "init_from",
+            f"{init_from} is not a save_pretrained export (no config.json)",
+        )
     elif previous_stage(stage):
-        export = Path(cfg["run_dir"]) / previous_stage(stage) / "export"
-        if not (export / "config.json").is_file():
-            raise ConfigError(
-                "init_from",
-                f"{stage} starts from {previous_stage(stage)}'s export {export}, which does not exist: run {previous_stage(stage)} first or set init_from",
-            )
+        prev = previous_stage(stage)
+        export = Path(cfg["run_dir"]) / prev / "export"
+        _check(
+            (export / "config.json").is_file(),
+            "init_from",
+            f"{stage} starts from {prev}'s export {export}, which does not exist: run {prev} first or set init_from",
+        )
