@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_llava.data.config import stage_config, tokenizer_from_config
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.model.builder import build_image_processor
+from moe_llava.tracking import TrackedRun, data_hash, git_commit, start_stage_run, tracking_uri
 from moe_llava.training.callbacks import AtomicCheckpointIO, RouterStatsLogger
 from moe_llava.training.datamodule import LlavaDataModule
 from moe_llava.training.lit_module import MoELlavaLitModule
@@ -40,7 +41,6 @@ from moe_llava.training.stages import (
     split_moe_settings,
 )
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
-from moe_llava.training.tracking import StageRun, data_hash, git_commit, tracking_uri
 from moe_llava.training.validation import accumulation_steps, validate_stage_config
 
 COMPLETED = "COMPLETED"
@@ -153,7 +153,7 @@ def run_stage(
         enable()
 
     data_version = data_hash()
-    run = StageRun.start(
+    run = start_stage_run(
         stage_dir=paths["stage_dir"],
         stage=stage,
         experiment_name=cfg.experiment_name,
@@ -169,7 +169,7 @@ def run_stage(
         },
         is_global_zero=rank_zero_only.rank == 0,
     )
-    try:
+    with run:  # FINISHED, or KILLED / FAILED with the error
         run.log_config(OmegaConf.to_container(cfg), OmegaConf.to_yaml(cfg))
         if not run.resumed:
             data_node = stage_config(cfg.data, stage)
@@ -190,18 +190,11 @@ def run_stage(
             if cfg.logger.get("log_model_weights", True):
                 run.log_artifacts(paths["export"], "export")
             completed_marker.write_text(run.run_id or "")
-        run.end("FINISHED")
-        return result
-    except KeyboardInterrupt:
-        run.end("KILLED")
-        raise
-    except BaseException:
-        run.end("FAILED")
-        raise
+    return result
 
 
 def _fit(
-    cfg, model, tokenizer, image_processor, paths, run: StageRun, resume: bool, extra_callbacks
+    cfg, model, tokenizer, image_processor, paths, run: TrackedRun, resume: bool, extra_callbacks
 ) -> dict[str, Any]:
     stage_cfg, trainer_cfg = cfg.stage, cfg.trainer
     strategy = build_strategy(trainer_cfg.get("strategy", "auto"), model)
