@@ -187,6 +187,42 @@ def evaluate_benchmark(loaded, bench: Benchmark, ev: Mapping, image_folder, out_
     return score
 
 
+def evaluate_plan(
+    loaded, plan: Sequence[Benchmark], ev: Mapping, image_folder, out_dir: Path
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Every benchmark of the plan: scores by key, and flat metrics per file then per kind."""
+    scores: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    for bench in plan:
+        score = evaluate_benchmark(loaded, bench, ev, image_folder, out_dir)
+        scores[bench.key] = score
+        metrics.update(bench.metrics(score))
+        if score["num_missing"] or score["num_unknown"]:
+            logger.warning(
+                "%s: %d question(s) without an answer, %d answer(s) to unknown ids",
+                bench.key,
+                score["num_missing"],
+                score["num_unknown"],
+            )
+    for kind in BENCHMARKS.values():
+        metrics.update(kind.summary({b.name: scores[b.key] for b in plan if isinstance(b, kind)}))
+    return scores, metrics
+
+
+def totals(scores: Mapping[str, Mapping[str, Any]], wall_time_s: float) -> dict[str, float]:
+    """``eval/*``: question counts and throughput over all benchmarks."""
+    num_questions = sum(s["num_questions"] for s in scores.values())
+    generation_s = sum((s["generation_s"] for s in scores.values()), 0.0)
+    return {
+        "eval/num_questions": num_questions,
+        "eval/num_missing": sum(s["num_missing"] for s in scores.values()),
+        "eval/num_unknown": sum(s["num_unknown"] for s in scores.values()),
+        "eval/generation_s": generation_s,
+        "eval/questions_per_sec": num_questions / generation_s if generation_s else 0.0,
+        "eval/wall_time_s": wall_time_s,
+    }
+
+
 def start_eval_run(cfg: DictConfig, stage: str, stage_dir: Path, tags: Mapping[str, Any]) -> TrackedRun:
     """The ``eval-<stage>`` run, beside the stage's training run.
 
@@ -271,24 +307,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             (out_dir / RUN_ID_FILE).write_text(run.run_id)
         record_load = bool(ev.get("expert_load", True)) and model.is_moe
         recorder = ExpertLoadRecorder(model.language_model) if record_load else nullcontext()
-        scores: dict[str, Any] = {}
-        metrics: dict[str, float] = {}
-        generation_s = 0.0
         with recorder:
-            for bench in plan:
-                score = evaluate_benchmark(loaded, bench, ev, image_folder, out_dir)
-                scores[bench.key] = score
-                metrics.update(bench.metrics(score))
-                generation_s += score["generation_s"]
-                if score["num_missing"] or score["num_unknown"]:
-                    logger.warning(
-                        "%s: %d question(s) without an answer, %d answer(s) to unknown ids",
-                        bench.key,
-                        score["num_missing"],
-                        score["num_unknown"],
-                    )
-        for kind in BENCHMARKS.values():
-            metrics.update(kind.summary({b.name: scores[b.key] for b in plan if isinstance(b, kind)}))
+            scores, metrics = evaluate_plan(loaded, plan, ev, image_folder, out_dir)
         if record_load:
             expert_load = recorder.summary()
             write_json(out_dir / "expert_load.json", expert_load)
@@ -299,17 +319,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         else:
             reason = "dense model (no MoE layer)" if not model.is_moe else "evaluation.expert_load=false"
             logger.info("expert-load analysis skipped: %s", reason)
-        num_questions = sum(s["num_questions"] for s in scores.values())
-        metrics.update(
-            {
-                "eval/num_questions": num_questions,
-                "eval/num_missing": sum(s["num_missing"] for s in scores.values()),
-                "eval/num_unknown": sum(s["num_unknown"] for s in scores.values()),
-                "eval/generation_s": generation_s,
-                "eval/questions_per_sec": num_questions / generation_s if generation_s else 0.0,
-                "eval/wall_time_s": time.perf_counter() - started,
-            }
-        )
+        metrics.update(totals(scores, wall_time_s=time.perf_counter() - started))
         details = {
             "model_dir": str(model_dir),
             "stage": stage,
