@@ -28,9 +28,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import summary
+from moe_llava.tracking import PARENT_RUN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-PARENT_RUN_ENV = "MOE_LLAVA_PARENT_RUN_ID"  # read by every stage, evaluation and registration
 TAIL_LINES = 40  # of a failed step's output, in its error
 KEPT_LINES = 400  # of every step's output, for the summary (the registration's JSON)
 PROGRESS_EVERY_S = 10.0  # one progress-bar line per this many seconds reaches the Prefect log
@@ -128,12 +128,14 @@ def moe_tuning(
     parent = summary.start_parent_run(
         cfg, flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name), flow_run_url=ui_url
     )
-    logger.info("MLflow parent run %s in experiment %r", parent, experiment)
-    # The two runs point at each other: tags on the MLflow run, a link artifact on the flow run.
-    create_link_artifact(summary.run_url(cfg, parent), link_text="MLflow parent run", key="mlflow-run")
-    env = {PARENT_RUN_ENV: parent}
-    steps: list[dict[str, Any]] = []
-    try:
+    with parent:  # FINISHED, or KILLED / FAILED with the error
+        logger.info("MLflow parent run %s in experiment %r", parent.run_id, experiment)
+        # The two runs point at each other: tags on the MLflow run, a link artifact on the flow run.
+        create_link_artifact(
+            summary.run_url(cfg, parent.run_id), link_text="MLflow parent run", key="mlflow-run"
+        )
+        env = {PARENT_RUN_ENV: parent.run_id}  # every stage, evaluation and registration nests under it
+        steps: list[dict[str, Any]] = []
         if pipeline in ("full", "stage3"):
             steps.append(step("data", python("-m", "flows.data"), env))
         if pipeline == "full":
@@ -174,12 +176,9 @@ def moe_tuning(
             )  # fmt: skip
             steps.append(reg)
             decision = summary.registry_decision(reg["output"])
-    except BaseException:
-        summary.end_parent_run(cfg, parent, "FAILED")
-        raise
-    report = summary.collect(run_dir, steps, decision)
-    markdown = summary.markdown(report, cfg, parent, ui_url)
-    summary.finish_parent_run(cfg, parent, report, markdown)
+        report = summary.collect(run_dir, steps, decision)
+        markdown = summary.markdown(report, cfg, parent.run_id, ui_url)
+        summary.finish_parent_run(parent, report, markdown)
     (ROOT / run_dir / "summary.md").write_text(markdown)
     create_markdown_artifact(markdown, key="moe-tuning-summary", description="MoE-Tuning run summary")
     print(markdown)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from moe_llava.training.tracking import ensure_experiment, tracking_uri
+from moe_llava.tracking import TrackedRun, tracking_uri
 
 STAGES = ("stage1", "stage2", "stage3")
 EVALUATED = ("stage2", "stage3")
@@ -25,19 +25,28 @@ def _client(cfg: dict):
     return MlflowClient(tracking_uri=tracking_uri(cfg.get("logger")))
 
 
-def start_parent_run(cfg: dict, *, flow_run_id: str, flow_run_name: str, flow_run_url: str | None) -> str:
-    """A new MLflow run for this flow run; the stage, evaluation and registration runs nest under it."""
-    client = _client(cfg)
-    experiment_id = ensure_experiment(cfg["experiment_name"], cfg.get("logger"), client)
+def start_parent_run(
+    cfg: dict, *, flow_run_id: str, flow_run_name: str, flow_run_url: str | None
+) -> TrackedRun:
+    """A new MLflow run for this flow run; the stage, evaluation and registration runs nest under it.
+
+    Use it as a context manager around the flow's steps: it ends FINISHED, KILLED or FAILED.
+    Driven through the client only: ``mlflow.set_tracking_uri`` would export ``MLFLOW_TRACKING_URI``
+    to every step's process.
+    """
     tags = {
         "prefect.flow_run_id": flow_run_id,
         "prefect.flow_run_name": flow_run_name,
         "pipeline": "moe-tuning",
+        "prefect.flow_run_url": flow_run_url,
     }
-    if flow_run_url:
-        tags["prefect.flow_run_url"] = flow_run_url
-    run = client.create_run(experiment_id, run_name=f"pipeline {flow_run_name}", tags=tags)
-    return run.info.run_id
+    return TrackedRun.start(
+        run_name=f"pipeline {flow_run_name}",
+        experiment_name=cfg["experiment_name"],
+        logger_cfg=cfg.get("logger"),
+        tags=tags,
+        fluent=False,
+    )
 
 
 def run_url(cfg: dict, run_id: str) -> str:
@@ -47,10 +56,6 @@ def run_url(cfg: dict, run_id: str) -> str:
     base = client.tracking_uri if client.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
     experiment_id = client.get_run(run_id).info.experiment_id
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
-def end_parent_run(cfg: dict, run_id: str, status: str) -> None:
-    _client(cfg).set_terminated(run_id, status=status)
 
 
 def registry_decision(output: str) -> dict[str, Any] | None:
@@ -141,18 +146,22 @@ def markdown(report: dict[str, Any], cfg: dict, parent_run_id: str, flow_run_url
     return "\n".join(lines) + "\n"
 
 
-def finish_parent_run(cfg: dict, run_id: str, report: dict[str, Any], markdown_text: str) -> None:
+def finish_parent_run(parent: TrackedRun, report: dict[str, Any], markdown_text: str) -> None:
     """Headline numbers as the parent run's metrics and tags; the summary as its artifact."""
-    client = _client(cfg)
-    for stage, m in report["eval"].items():
-        for key in ("pope/mean_f1", "vqa/test/accuracy"):
-            if isinstance(m.get(key), (int, float)):
-                client.log_metric(run_id, f"{stage}/{key}", float(m[key]))
-    for step in report["steps"]:
-        client.log_metric(run_id, f"time_s/{step['name']}", float(step["seconds"]))
+    metrics = {
+        f"{stage}/{key}": float(m[key])
+        for stage, m in report["eval"].items()
+        for key in ("pope/mean_f1", "vqa/test/accuracy")
+        if isinstance(m.get(key), (int, float))
+    }
+    metrics.update({f"time_s/{step['name']}": float(step["seconds"]) for step in report["steps"]})
+    parent.log_metrics(metrics)
     decision = report.get("decision")
     if decision:
-        client.set_tag(run_id, "registry.version", str(decision["version"]))
-        client.set_tag(run_id, "registry.champion", str(decision["champion"]).lower())
-    client.log_text(run_id, markdown_text, "summary.md")
-    client.set_terminated(run_id, status="FINISHED")
+        parent.set_tags(
+            {
+                "registry.version": str(decision["version"]),
+                "registry.champion": str(decision["champion"]).lower(),
+            }
+        )
+    parent.log_text(markdown_text, "summary.md")

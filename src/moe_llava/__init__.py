@@ -1,3 +1,8 @@
-"""moe-tuning: MoE-LLaVA training pipeline."""
+"""moe-tuning: MoE-LLaVA training pipeline.
+
+Packages: ``data``, ``model``, ``pretrain``, ``training``, ``evaluation``, ``registry``, ``pipeline``;
+shared modules: ``errors`` (every exception type), ``tracking`` (MLflow: where runs go and the one run
+lifecycle, :class:`~moe_llava.tracking.TrackedRun`), ``inference``, ``paths``, ``cli`` (``moe-llava``).
+"""
 
 __version__ = "0.1.0"

@@ -20,9 +20,8 @@ SUMMARY_KEYS = ("pope/mean_f1", "eval/num_questions", "eval/num_missing", "eval/
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from moe_llava.data.errors import DataError
+    from moe_llava.errors import ConfigError, DataError
     from moe_llava.evaluation.runner import run_evaluation
-    from moe_llava.training.validation import ConfigError
 
     try:
         metrics = run_evaluation(cfg)

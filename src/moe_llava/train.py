@@ -15,8 +15,8 @@ from moe_llava.paths import CONF_DIR
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from moe_llava.errors import ConfigError
     from moe_llava.training import run_stage
-    from moe_llava.training.validation import ConfigError
 
     try:
         result = run_stage(cfg)

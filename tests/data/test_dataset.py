@@ -10,8 +10,8 @@ from PIL import Image
 
 from moe_llava.constants import IGNORE_INDEX
 from moe_llava.data.dataset import LlavaDataset
-from moe_llava.data.errors import DataError
 from moe_llava.data.images import processor_mean_color
+from moe_llava.errors import DataError
 
 CONV = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red."}]
 

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from moe_llava.data import manifest as manifest_mod
-from moe_llava.data.errors import ManifestError
 from moe_llava.data.manifest import (
     ManifestWriter,
     as_llava_record,
@@ -17,6 +16,7 @@ from moe_llava.data.manifest import (
     read_manifest,
     write_manifest,
 )
+from moe_llava.errors import ManifestError
 
 RECORDS = [
     {

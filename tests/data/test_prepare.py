@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from moe_llava.cli import main
-from moe_llava.data.errors import RejectedFractionError
 from moe_llava.data.manifest import read_manifest, write_manifest
 from moe_llava.data.prepare import prepare_manifest
 from moe_llava.data.validation import Validator
+from moe_llava.errors import RejectedFractionError
 
 
 def _records(n_good: int, bad: list[dict]) -> list[dict]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from moe_llava.constants import IGNORE_INDEX, IMAGE_TOKEN
-from moe_llava.data.errors import TemplateError
 from moe_llava.data.manifest import read_manifest
 from moe_llava.data.templates import TEMPLATES, get_template, image_token_id_of, render
+from moe_llava.errors import TemplateError
 
 MULTI_TURN = [
     {"from": "human", "value": "<image>\nIs there a red circle in the image?"},

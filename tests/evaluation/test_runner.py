@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from moe_llava.cli import main
+from moe_llava.errors import ConfigError
 from moe_llava.evaluation import EvalFileError
 from moe_llava.evaluation.runner import run_evaluation
-from moe_llava.training.validation import ConfigError
 from tests.evaluation.conftest import shrunk_overrides, write_jsonl
 
 POPE = ("random", "popular", "adversarial")
@@ -30,7 +30,7 @@ def training_runs(tmp_path, stage_dir):
     """A pipeline run with a finished stage-3 training run nested under it, as the training leaves them."""
     import mlflow
 
-    from moe_llava.training.tracking import ensure_experiment
+    from moe_llava.tracking import ensure_experiment
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     experiment_id = ensure_experiment("tiny-cpu", {"artifact_location": str(tmp_path / "mlartifacts")})

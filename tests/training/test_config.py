@@ -7,11 +7,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moe_llava.config import compose_config
+from moe_llava.errors import ConfigError
 from moe_llava.model.upcycle import find_decoder_layers
 from moe_llava.paths import CONF_DIR
 from moe_llava.training.lit_module import param_groups
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
-from moe_llava.training.validation import ConfigError, validate_stage_config
+from moe_llava.training.validation import validate_stage_config
 
 
 def composed(*overrides: str) -> dict:

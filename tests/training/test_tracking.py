@@ -13,8 +13,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from moe_llava.tracking import RUN_ID_FILE, data_hash
 from moe_llava.training import run_stage
-from moe_llava.training.tracking import RUN_ID_FILE, data_hash
 from tests.training.conftest import shrunk_overrides
 
 

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from moe_llava.data.errors import DataError, TemplateError
 from moe_llava.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageIssue,
@@ -33,6 +32,7 @@ from moe_llava.data.images import (
 from moe_llava.data.manifest import ManifestEntry, as_llava_record, iter_entries
 from moe_llava.data.templates import GPT, ROLE_ALIASES, get_template, image_token_id_of
 from moe_llava.data.validation import Validator, fit_to_length, record_images
+from moe_llava.errors import DataError, TemplateError
 
 logger = logging.getLogger(__name__)
 

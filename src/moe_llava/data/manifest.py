@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from moe_llava.data.errors import ManifestError
+from moe_llava.errors import ManifestError
 
 _CHUNK_CHARS = 1 << 20  # text read per refill of the streaming decoder
 _WHITESPACE = " \t\n\r"

@@ -3,7 +3,7 @@
 Nothing is dropped silently: every rejected record goes to ``quarantine.jsonl`` with its reasons,
 and ``counts.json`` has the totals per reason. When the rejected fraction exceeds the threshold
 the outputs are still written (so the quarantine can be inspected) and
-:class:`~moe_llava.data.errors.RejectedFractionError` is raised.
+:class:`~moe_llava.errors.RejectedFractionError` is raised.
 
 Outputs in ``out_dir``:
 
@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe_llava.data.errors import RejectedFractionError
 from moe_llava.data.manifest import ManifestWriter, manifest_format
 from moe_llava.data.validation import Validator, iter_checks
+from moe_llava.errors import RejectedFractionError
 
 DEFAULT_MAX_REJECTED_FRACTION = 0.05
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_llava.constants import IGNORE_INDEX, IMAGE_TOKEN
-from moe_llava.data.errors import TemplateError
+from moe_llava.errors import TemplateError
 
 HUMAN, GPT = "human", "gpt"
 ROLE_ALIASES = {"human": HUMAN, "user": HUMAN, "gpt": GPT, "assistant": GPT}

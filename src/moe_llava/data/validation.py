@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from moe_llava.constants import IMAGE_TOKEN
-from moe_llava.data.errors import TemplateError
 from moe_llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageIssue, open_image, resolve_image_path
 from moe_llava.data.manifest import ManifestEntry, iter_entries
 from moe_llava.data.templates import (
@@ -32,6 +31,7 @@ from moe_llava.data.templates import (
     get_template,
     image_token_id_of,
 )
+from moe_llava.errors import TemplateError
 
 
 class Reason(StrEnum):

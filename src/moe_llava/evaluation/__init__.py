@@ -1,45 +1,38 @@
 """Evaluation: POPE, short-answer VQA and the expert-load analysis (see docs/evaluation.md).
 
-``python -m moe_llava.evaluate experiment=... stage=stage3`` runs it all on a stage's export;
-the pieces below also work on their own (e.g. scoring an answers file from another model).
+``python -m moe_llava.evaluate experiment=... stage=stage3`` runs it all on a stage's export
+(``runner``); the pieces also work on their own (e.g. scoring an answers file from another model).
+Modules: ``runner``, ``benchmarks`` (one class per benchmark), ``files`` (question and answer
+files), ``pairing``, ``pope``, ``vqa``, ``expert_load``, ``vision_probe``, ``cli`` (``moe-llava eval``).
 """
 
-from moe_llava.evaluation.expert_load import (
-    ExpertLoadRecorder,
-    expert_load_metrics,
-    expert_load_plot_data,
-    plot_expert_load,
-)
-from moe_llava.evaluation.files import (
-    Answer,
-    EvalFileError,
-    Question,
-    answers_by_id,
-    read_answers,
-    read_questions,
-)
-from moe_llava.evaluation.pairing import Pairing, pair_answers
-from moe_llava.evaluation.pope import POPE_SPLITS, PopeCounts, mean_f1, pope_yes_no, score_pope
-from moe_llava.evaluation.vqa import normalize_answer, score_vqa
+from moe_llava._lazy import lazy_exports
 
-__all__ = [
-    "POPE_SPLITS",
-    "Answer",
-    "EvalFileError",
-    "ExpertLoadRecorder",
-    "Pairing",
-    "PopeCounts",
-    "Question",
-    "answers_by_id",
-    "expert_load_metrics",
-    "expert_load_plot_data",
-    "mean_f1",
-    "normalize_answer",
-    "pair_answers",
-    "plot_expert_load",
-    "pope_yes_no",
-    "read_answers",
-    "read_questions",
-    "score_pope",
-    "score_vqa",
-]
+_EXPORTS = {
+    "ExpertLoadRecorder": "moe_llava.evaluation.expert_load",
+    "expert_load_metrics": "moe_llava.evaluation.expert_load",
+    "expert_load_plot_data": "moe_llava.evaluation.expert_load",
+    "plot_expert_load": "moe_llava.evaluation.expert_load",
+    "Answer": "moe_llava.evaluation.files",
+    "Question": "moe_llava.evaluation.files",
+    "answers_by_id": "moe_llava.evaluation.files",
+    "read_answers": "moe_llava.evaluation.files",
+    "read_questions": "moe_llava.evaluation.files",
+    "EvalFileError": "moe_llava.errors",
+    "Pairing": "moe_llava.evaluation.pairing",
+    "pair_answers": "moe_llava.evaluation.pairing",
+    "POPE_SPLITS": "moe_llava.evaluation.pope",
+    "PopeCounts": "moe_llava.evaluation.pope",
+    "mean_f1": "moe_llava.evaluation.pope",
+    "pope_yes_no": "moe_llava.evaluation.pope",
+    "score_pope": "moe_llava.evaluation.pope",
+    "normalize_answer": "moe_llava.evaluation.vqa",
+    "score_vqa": "moe_llava.evaluation.vqa",
+    "BENCHMARKS": "moe_llava.evaluation.benchmarks",
+    "Benchmark": "moe_llava.evaluation.benchmarks",
+    "PopeBenchmark": "moe_llava.evaluation.benchmarks",
+    "VqaBenchmark": "moe_llava.evaluation.benchmarks",
+    "run_evaluation": "moe_llava.evaluation.runner",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,23 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_llava.data.errors import DataError
 from moe_llava.data.manifest import ManifestEntry, iter_entries
 from moe_llava.data.templates import GPT, HUMAN, ROLE_ALIASES
+from moe_llava.errors import EvalFileError
 from moe_llava.inference import question_record
 
 POPE_LABELS = ("yes", "no")
-
-
-class EvalFileError(DataError):
-    """A malformed question or answer file; the message names the file, the line and the field."""
-
-    def __init__(
-        self, message: str, *, file: str | Path, line: int | None = None, field: str | None = None
-    ) -> None:
-        self.file, self.record, self.field, self.detail, self.line = str(file), None, field, message, line
-        parts = [str(file), *([f"line {line}"] if line else []), *([f"field {field!r}"] if field else [])]
-        ValueError.__init__(self, ": ".join([*parts, message]))
 
 
 @dataclass

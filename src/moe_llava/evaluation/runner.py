@@ -14,39 +14,24 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from moe_llava.errors import ConfigError, DataError, EvalFileError
+from moe_llava.evaluation.benchmarks import BENCHMARKS, Benchmark
 from moe_llava.evaluation.expert_load import ExpertLoadRecorder, expert_load_metrics, plot_expert_load
-from moe_llava.evaluation.files import EvalFileError, Question, read_questions, write_json, write_jsonl
-from moe_llava.evaluation.pope import mean_f1, score_pope
-from moe_llava.evaluation.vqa import score_vqa
-from moe_llava.training.validation import ConfigError
+from moe_llava.evaluation.files import Question, write_json, write_jsonl
+from moe_llava.tracking import RUN_ID_FILE, TrackedRun
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ("pope", "vqa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUN_ID_FILE = "mlflow_run_id"
-
-
-@dataclass
-class Benchmark:
-    kind: str  # "pope" | "vqa"
-    name: str  # POPE split or VQA set name
-    path: Path
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}_{self.name}"
 
 
 # ---------------------------------------------------------------------- configuration
@@ -92,9 +77,10 @@ def plan_benchmarks(cfg: DictConfig) -> list[Benchmark]:
     ev = cfg.evaluation
     eval_data = cfg.data.get("eval") or {}
     plan: list[Benchmark] = []
-    for kind, selection_key in (("pope", "pope_splits"), ("vqa", "vqa_sets")):
+    for kind, benchmark in BENCHMARKS.items():
         if kind not in _names(ev.benchmarks, "evaluation.benchmarks"):
             continue
+        selection_key = benchmark.selection_key
         files = {str(k): v for k, v in (eval_data.get(kind) or {}).items()}
         wanted = _names(ev.get(selection_key), f"evaluation.{selection_key}")
         if wanted is None:
@@ -114,7 +100,7 @@ def plan_benchmarks(cfg: DictConfig) -> list[Benchmark]:
             path = Path(str(files[name]))
             if not path.is_file():
                 raise ConfigError(f"data.eval.{kind}.{name}", f"question file not found: {path}")
-            plan.append(Benchmark(kind, name, path))
+            plan.append(benchmark(name, path))
     return plan
 
 
@@ -124,37 +110,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _metric_name(text: str) -> str:
-    """A string usable inside an MLflow metric name (alphanumerics, ``_ - . /`` and spaces)."""
-    return re.sub(r"[^\w\-. ]", "_", text).strip() or "_"
-
-
 # ---------------------------------------------------------------------- questions -> dataset
-def check_questions(questions: Sequence[Question], path: Path, image_folder: str | Path | None) -> None:
-    """Structure and image files of every question, before generation; errors name file/line/field."""
-    from moe_llava.data.templates import GPT, ROLE_ALIASES
-    from moe_llava.data.validation import Validator
-
-    validator = Validator(image_folder=image_folder, image_check="exists")
-    bad = []
-    for q in questions:
-        record = q.record
-        if ROLE_ALIASES.get(record["conversations"][-1]["from"]) != GPT:  # a generation prompt
-            record = {**record, "conversations": [*record["conversations"], {"from": "gpt", "value": "-"}]}
-        check = validator.check_record(record, line=q.line)
-        if not check.ok:
-            bad.append((q, check.issues[0]))
-    if bad:
-        q, issue = bad[0]
-        more = f" (and {len(bad) - 1} more bad question(s))" if len(bad) > 1 else ""
-        raise EvalFileError(
-            f"question_id {q.question_id!r}: {issue.reason}: {issue.detail}{more}",
-            file=path,
-            line=q.line,
-            field=issue.field,
-        )
-
-
 class _LocatedDataset(torch.utils.data.Dataset):
     """A generation dataset whose run-time failures (an unreadable image) name the question file and line."""
 
@@ -167,8 +123,6 @@ class _LocatedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        from moe_llava.data.errors import DataError
-
         try:
             return self.dataset[index]
         except DataError as err:
@@ -200,25 +154,16 @@ def _clear_previous_outputs(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
     answers = out_dir / "answers"
     if answers.is_dir():
-        for file in [*answers.glob("pope_*.jsonl"), *answers.glob("vqa_*.jsonl")]:
-            file.unlink()
+        for kind in BENCHMARKS:
+            for file in answers.glob(f"{kind}_*.jsonl"):
+                file.unlink()
 
 
-def load_benchmark_questions(bench: Benchmark, ev: Mapping, image_folder) -> list[Question]:
-    """Read and check one question file (structure, labels/references, image files exist)."""
-    questions = read_questions(
-        bench.path, kind=bench.kind, prompt_suffix=ev.get("prompt_suffix"), limit=ev.get("limit")
-    )
-    check_questions(questions, bench.path, image_folder)
-    return questions
-
-
-def evaluate_benchmark(
-    loaded, bench: Benchmark, questions: Sequence[Question], ev: Mapping, image_folder, out_dir: Path
-) -> dict[str, Any]:
-    """Generate answers for one question file, write them, and score them (paired by id)."""
+def evaluate_benchmark(loaded, bench: Benchmark, ev: Mapping, image_folder, out_dir: Path) -> dict[str, Any]:
+    """Generate answers for one loaded question file, write them, and score them (paired by id)."""
     from moe_llava.inference import generate_answers
 
+    questions = bench.questions
     dataset = build_dataset(
         loaded, questions, bench.path, image_folder=image_folder, template=ev.get("template")
     )
@@ -237,23 +182,75 @@ def evaluate_benchmark(
         out_dir / "answers" / f"{bench.key}.jsonl",
         ({"question_id": qid, "prompt": prompts.get(qid), "text": text} for qid, text in by_id.items()),
     )
-    score = score_pope(questions, by_id) if bench.kind == "pope" else score_vqa(questions, by_id)
+    score = bench.score(by_id)
     score.update(questions_file=str(bench.path), generation_s=seconds)
     return score
 
 
-def benchmark_metrics(bench: Benchmark, score: Mapping[str, Any]) -> dict[str, float]:
-    prefix = f"{bench.kind}/{_metric_name(bench.name)}"
-    if bench.kind == "pope":
-        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
-        metrics = {f"{prefix}/{k}": float(score[k]) for k in keys}
-    else:
-        metrics = {f"{prefix}/accuracy": float(score["accuracy"])}
-        for category, stats in score["categories"].items():
-            metrics[f"{prefix}/{_metric_name(category)}/accuracy"] = float(stats["accuracy"])
-    metrics[f"{prefix}/num_questions"] = score["num_questions"]
-    metrics[f"{prefix}/num_missing"] = score["num_missing"]
-    return metrics
+def evaluate_plan(
+    loaded, plan: Sequence[Benchmark], ev: Mapping, image_folder, out_dir: Path
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Every benchmark of the plan: scores by key, and flat metrics per file then per kind."""
+    scores: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    for bench in plan:
+        score = evaluate_benchmark(loaded, bench, ev, image_folder, out_dir)
+        scores[bench.key] = score
+        metrics.update(bench.metrics(score))
+        if score["num_missing"] or score["num_unknown"]:
+            logger.warning(
+                "%s: %d question(s) without an answer, %d answer(s) to unknown ids",
+                bench.key,
+                score["num_missing"],
+                score["num_unknown"],
+            )
+    for kind in BENCHMARKS.values():
+        metrics.update(kind.summary({b.name: scores[b.key] for b in plan if isinstance(b, kind)}))
+    return scores, metrics
+
+
+def totals(scores: Mapping[str, Mapping[str, Any]], wall_time_s: float) -> dict[str, float]:
+    """``eval/*``: question counts and throughput over all benchmarks."""
+    num_questions = sum(s["num_questions"] for s in scores.values())
+    generation_s = sum((s["generation_s"] for s in scores.values()), 0.0)
+    return {
+        "eval/num_questions": num_questions,
+        "eval/num_missing": sum(s["num_missing"] for s in scores.values()),
+        "eval/num_unknown": sum(s["num_unknown"] for s in scores.values()),
+        "eval/generation_s": generation_s,
+        "eval/questions_per_sec": num_questions / generation_s if generation_s else 0.0,
+        "eval/wall_time_s": wall_time_s,
+    }
+
+
+def start_eval_run(cfg: DictConfig, stage: str, stage_dir: Path, tags: Mapping[str, Any]) -> TrackedRun:
+    """The ``eval-<stage>`` run, beside the stage's training run.
+
+    It goes into the training run's experiment and nests under the same parent (the pipeline run:
+    tag ``mlflow.parentRunId`` of the run whose id the stage folder keeps in ``mlflow_run_id``);
+    ``parent_run_id=...`` or ``$MOE_LLAVA_PARENT_RUN_ID`` take precedence. Without a training run
+    (an arbitrary ``evaluation.model_dir``) it is a top-level run of ``experiment_name``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from moe_llava.tracking import PARENT_TAG, get_run, resolve_parent, tracking_uri
+
+    uri = tracking_uri(cfg.logger)
+    id_file = stage_dir / RUN_ID_FILE
+    training_run = get_run(MlflowClient(uri), id_file.read_text().strip() if id_file.is_file() else None)
+    tags = dict(tags)
+    if training_run is not None:
+        tags["training_run_id"] = training_run.info.run_id
+    return TrackedRun.start(
+        run_name=f"eval-{stage}",
+        experiment_name=cfg.experiment_name,
+        experiment_id=training_run.info.experiment_id if training_run else None,
+        logger_cfg=cfg.logger,
+        uri=uri,
+        tags=tags,
+        parent_run_id=resolve_parent(cfg.get("parent_run_id"))
+        or (training_run.data.tags.get(PARENT_TAG) if training_run else None),
+    )
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
@@ -261,7 +258,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     model URI such as ``models:/moe-llava@champion``); returns the flat metrics."""
     from moe_llava.inference import load_pretrained
     from moe_llava.registry.model import URI_SCHEMES, local_export
-    from moe_llava.training.tracking import data_hash, git_commit, tracking_uri
+    from moe_llava.tracking import data_hash, git_commit, tracking_uri
 
     requested = str(cfg.evaluation.get("model_dir") or "")
     if requested.startswith(URI_SCHEMES):  # models:/NAME@ALIAS, runs:/...: download, then evaluate the folder
@@ -286,57 +283,32 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     image_folder = cfg.data.get("image_folder")
     # every question file is read and checked before the model loads: a bad line fails in seconds
-    questions = {bench.key: load_benchmark_questions(bench, ev, image_folder) for bench in plan}
+    for bench in plan:
+        bench.load(prompt_suffix=ev.get("prompt_suffix"), limit=ev.get("limit"), image_folder=image_folder)
     dtype = DTYPES[str(ev.get("dtype", "float32"))]
     loaded = load_pretrained(model_dir, device=resolve_device(str(ev.get("device", "auto"))), dtype=dtype)
     model = loaded.model
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous_outputs(out_dir)
 
-    run = None
+    run = TrackedRun.inert()
     if ev.get("mlflow", True):
-        from moe_llava.evaluation.tracking import EvalRun
-
-        run = EvalRun.start(
-            stage=stage,
-            stage_dir=stage_dir,
-            experiment_name=cfg.experiment_name,
-            logger_cfg=cfg.logger,
-            parent_run_id=cfg.get("parent_run_id"),
-            tags={
-                "stage": stage,
-                "evaluation": "true",
-                "git_commit": git_commit(),
-                "data_hash": data_hash(),
-                "model_dir": str(model_dir.resolve()),
-                "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
-            },
-        )
-    try:
-        if run is not None:
+        tags = {
+            "stage": stage,
+            "evaluation": "true",
+            "git_commit": git_commit(),
+            "data_hash": data_hash(),
+            "model_dir": str(model_dir.resolve()),
+            "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
+        }
+        run = start_eval_run(cfg, stage, stage_dir, tags)
+    with run:  # FINISHED, or KILLED / FAILED with the error
+        if run.active:
             (out_dir / RUN_ID_FILE).write_text(run.run_id)
         record_load = bool(ev.get("expert_load", True)) and model.is_moe
         recorder = ExpertLoadRecorder(model.language_model) if record_load else nullcontext()
-        scores: dict[str, Any] = {}
-        metrics: dict[str, float] = {}
-        generation_s = 0.0
         with recorder:
-            for bench in plan:
-                score = evaluate_benchmark(loaded, bench, questions[bench.key], ev, image_folder, out_dir)
-                scores[bench.key] = score
-                metrics.update(benchmark_metrics(bench, score))
-                generation_s += score["generation_s"]
-                if score["num_missing"] or score["num_unknown"]:
-                    logger.warning(
-                        "%s: %d question(s) without an answer, %d answer(s) to unknown ids",
-                        bench.key,
-                        score["num_missing"],
-                        score["num_unknown"],
-                    )
-        pope = {b.name: scores[b.key] for b in plan if b.kind == "pope"}
-        if pope:
-            metrics["pope/mean_f1"] = mean_f1(pope)
-        expert_load = None
+            scores, metrics = evaluate_plan(loaded, plan, ev, image_folder, out_dir)
         if record_load:
             expert_load = recorder.summary()
             write_json(out_dir / "expert_load.json", expert_load)
@@ -347,45 +319,25 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         else:
             reason = "dense model (no MoE layer)" if not model.is_moe else "evaluation.expert_load=false"
             logger.info("expert-load analysis skipped: %s", reason)
-        num_questions = sum(s["num_questions"] for s in scores.values())
-        metrics.update(
-            {
-                "eval/num_questions": num_questions,
-                "eval/num_missing": sum(s["num_missing"] for s in scores.values()),
-                "eval/num_unknown": sum(s["num_unknown"] for s in scores.values()),
-                "eval/generation_s": generation_s,
-                "eval/questions_per_sec": num_questions / generation_s if generation_s else 0.0,
-                "eval/wall_time_s": time.perf_counter() - started,
-            }
-        )
+        metrics.update(totals(scores, wall_time_s=time.perf_counter() - started))
         details = {
             "model_dir": str(model_dir),
             "stage": stage,
             "expert_load": "recorded"
             if record_load
             else ("skipped: dense model" if not model.is_moe else "disabled"),
-            "mlflow_run_id": run.run_id if run else None,
+            "mlflow_run_id": run.run_id,
             "benchmarks": scores,
         }
         write_json(out_dir / "scores.json", details)
         write_json(out_dir / "metrics.json", metrics)
-        if run is not None:
-            run.log_params(
-                {
-                    "evaluation": OmegaConf.to_container(ev),
-                    "questions": {b.key: str(b.path) for b in plan},
-                    "model_dir": str(model_dir),
-                }
-            )
-            run.log_metrics(metrics)
-            run.log_artifacts(out_dir, "eval")
-            run.end("FINISHED")
-        return metrics
-    except KeyboardInterrupt:
-        if run is not None:
-            run.end("KILLED")
-        raise
-    except BaseException:
-        if run is not None:
-            run.end("FAILED")
-        raise
+        run.log_params(
+            {
+                "evaluation": OmegaConf.to_container(ev),
+                "questions": {b.key: str(b.path) for b in plan},
+                "model_dir": str(model_dir),
+            }
+        )
+        run.log_metrics(metrics)
+        run.log_artifacts(out_dir, "eval")
+    return metrics

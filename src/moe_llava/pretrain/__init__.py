@@ -14,6 +14,10 @@ Run it with ``python -m moe_llava.pretrain --config-dir params --config-name sta
 ``backbones``); configured by the ``backbones`` config group.
 """
 
-from moe_llava.pretrain.run import run_backbones
+from moe_llava._lazy import lazy_exports
 
-__all__ = ["run_backbones"]
+_EXPORTS = {
+    "run_backbones": "moe_llava.pretrain.run",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

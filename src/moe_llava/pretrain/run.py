@@ -26,10 +26,10 @@ from moe_llava.data.config import tokenizer_from_config
 from moe_llava.model.builder import build_language_model
 from moe_llava.pretrain import language, vision
 from moe_llava.pretrain.lit import PretrainModule
-from moe_llava.training.tracking import StageRun, data_hash, git_commit, tracking_uri
+from moe_llava.tracking import TrackedRun, data_hash, git_commit, start_stage_run, tracking_uri
 
 
-def _trainer(cfg: DictConfig, part: str, settings: DictConfig, out_dir: Path, run: StageRun) -> L.Trainer:
+def _trainer(cfg: DictConfig, part: str, settings: DictConfig, out_dir: Path, run: TrackedRun) -> L.Trainer:
     trainer_cfg = cfg.trainer
     loggers: list = [CSVLogger(save_dir=str(out_dir / "logs"), name="", version=part)]
     if run.active:
@@ -72,7 +72,7 @@ def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
     tmp.rename(target)
 
 
-def pretrain_vision(cfg: DictConfig, out_dir: Path, run: StageRun) -> dict[str, Any]:
+def pretrain_vision(cfg: DictConfig, out_dir: Path, run: TrackedRun) -> dict[str, Any]:
     settings, root = cfg.backbones.vision, Path(cfg.data.root)
     started = time.perf_counter()
     data = vision.VisionData(
@@ -103,7 +103,7 @@ def pretrain_vision(cfg: DictConfig, out_dir: Path, run: StageRun) -> dict[str, 
     return metrics
 
 
-def pretrain_language(cfg: DictConfig, out_dir: Path, run: StageRun) -> dict[str, Any]:
+def pretrain_language(cfg: DictConfig, out_dir: Path, run: TrackedRun) -> dict[str, Any]:
     settings, root = cfg.backbones.language, Path(cfg.data.root)
     started = time.perf_counter()
     tokenizer = tokenizer_from_config(cfg.data)
@@ -158,7 +158,7 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(cfg.backbones.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = StageRun.start(
+    run = start_stage_run(
         stage_dir=out_dir,
         stage="backbones",
         experiment_name=cfg.experiment_name,
@@ -166,7 +166,6 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
         resume=False,
         parent_run_id=cfg.get("parent_run_id"),
         tags={"stage": "backbones", "git_commit": git_commit(), "data_hash": data_hash()},
-        is_global_zero=True,
     )
     with run:  # FINISHED, or KILLED / FAILED with the error
         run.log_config(OmegaConf.to_container(cfg.backbones), OmegaConf.to_yaml(cfg.backbones))

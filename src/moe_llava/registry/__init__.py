@@ -6,23 +6,9 @@
 - :mod:`~moe_llava.registry.registry`: versions, aliases ``champion`` / ``challenger``, history;
 - :mod:`~moe_llava.registry.workflow`: :func:`register_export`, what the pipeline and the CLI call;
 - :mod:`~moe_llava.registry.cli`: ``moe-llava registry register|promote|rollback|show``.
-
-Imports stay lazy here so that the pyfunc model and the CLI load only what they use.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = [
-    "GateSettings",
-    "ModelRegistry",
-    "RegistrySettings",
-    "decide",
-    "load_settings",
-    "log_pyfunc_model",
-    "register_export",
-]
+from moe_llava._lazy import lazy_exports
 
 _EXPORTS = {
     "GateSettings": "moe_llava.registry.gate",
@@ -33,11 +19,5 @@ _EXPORTS = {
     "log_pyfunc_model": "moe_llava.registry.model",
     "register_export": "moe_llava.registry.workflow",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -208,7 +208,7 @@ class ModelRegistry:
         self._set_tag(version, "gate.reason", decision.reason)
         self._move_alias(CHALLENGER, version, f"registered: {decision.reason}", by="register")
         if decision.promote:
-            self._make_champion(version, f"gate: {decision.reason}", by="gate")
+            self._set_champion(version, f"gate: {decision.reason}", by="gate")
         return RegistrationResult(
             self.model_name,
             version,
@@ -224,7 +224,7 @@ class ModelRegistry:
         previous = self.champion()
         if previous == version:
             return {"changed": False, "champion": version, "message": f"v{version} is already the champion"}
-        self._make_champion(version, reason or "promoted by hand", by="promote")
+        self._set_champion(version, reason or "promoted by hand", by="promote")
         return {"changed": True, "champion": version, "previous_champion": previous, "reason": reason}
 
     def rollback(self, reason: str | None = None) -> dict[str, Any]:
@@ -243,39 +243,51 @@ class ModelRegistry:
             )
         target = history[-1]
         reason = reason or "rollback"
-        stamp = now()
-        self.client.set_registered_model_alias(self.model_name, CHAMPION, target)
-        self._record(target, CHAMPION, "set", f"rollback: {reason}", stamp, by="rollback", previous=current)
-        self._record(
-            current, CHAMPION, "removed", f"rollback: {reason}", stamp, by="rollback", replaced_by=target
+        stamp = self._set_champion(
+            target,
+            f"rollback: {reason}",
+            by="rollback",
+            history=history,
+            promotion_reason=f"rollback from v{current}: {reason}",
         )
-        self._set_tag(target, "promotion_reason", f"rollback from v{current}: {reason}")
-        self._set_tag(target, "promoted_at", stamp)
         self._set_tag(current, "rolled_back_at", stamp)
-        self._save_history(history)
         return {"changed": True, "champion": target, "previous_champion": current, "reason": reason}
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _make_champion(self, version: str, reason: str, *, by: str) -> None:
-        previous = self.champion()
-        history = self.champion_history()
+    def _set_champion(
+        self,
+        version: str,
+        reason: str,
+        *,
+        by: str,
+        history: list[str] | None = None,
+        promotion_reason: str | None = None,
+    ) -> str:
+        """Move ``champion`` to ``version`` and record it (on both versions, in the history); the stamp.
+
+        ``history``: the champion history to save (default: the current one plus ``version``; a
+        rollback passes the history without the champion it removes). A champion is no longer a
+        challenger.
+        """
+        history = [*self.champion_history(), version] if history is None else history
         stamp = now()
         # Move first: the alias goes from the old champion to the new one in one update.
-        self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
-        self._record(version, CHAMPION, "set", reason, stamp, by=by, previous=previous)
-        if previous is not None:
-            self._record(previous, CHAMPION, "removed", reason, stamp, by=by, replaced_by=version)
-        self._set_tag(version, "promotion_reason", reason)
+        self._move_alias(CHAMPION, version, reason, by=by, stamp=stamp)
+        self._set_tag(version, "promotion_reason", promotion_reason or reason)
         self._set_tag(version, "promoted_at", stamp)
-        self._save_history([*history, version])
-        if self.challenger() == version:  # a champion is no longer a challenger
+        self._save_history(history)
+        if self.challenger() == version:
             self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
             self._record(version, CHALLENGER, "removed", f"became champion ({by})", stamp, by=by)
+        return stamp
 
-    def _move_alias(self, alias: str, version: str, reason: str, *, by: str) -> None:
+    def _move_alias(
+        self, alias: str, version: str, reason: str, *, by: str, stamp: str | None = None
+    ) -> None:
+        """Point ``alias`` at ``version`` (one update) and record the move on the versions involved."""
         previous = self.aliases().get(alias)
-        stamp = now()
+        stamp = stamp or now()
         self.client.set_registered_model_alias(self.model_name, alias, version)
         self._record(version, alias, "set", reason, stamp, by=by, previous=previous)
         if previous is not None and previous != version:

@@ -1,7 +1,7 @@
 """Registry settings: the composed Hydra defaults (``conf/registry/default.yaml``, ``conf/logger/``),
 with explicit values (CLI flags) on top.
 
-The tracking URI is resolved exactly as training does (:func:`moe_llava.training.tracking.tracking_uri`):
+The tracking URI is resolved exactly as training does (:func:`moe_llava.tracking.tracking_uri`):
 ``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
 directory. The registry lives in the same store.
 """
@@ -29,7 +29,7 @@ class RegistrySettings:
     tracking_uri: str | None = None  # None: resolved from `logger` and the environment
 
     def resolved_tracking_uri(self) -> str:
-        from moe_llava.training.tracking import tracking_uri
+        from moe_llava.tracking import tracking_uri
 
         return self.tracking_uri or tracking_uri(self.logger)
 

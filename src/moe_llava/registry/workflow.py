@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,7 @@ def register_export(
     """
     import mlflow
 
-    from moe_llava.training.tracking import (
-        PARENT_RUN_ENV,
-        data_hash,
-        ensure_experiment,
-        git_commit,
-    )
+    from moe_llava.tracking import TrackedRun, data_hash, git_commit, resolve_parent
 
     settings = settings or RegistrySettings()
     export_dir = resolve_export_dir(model_dir)
@@ -54,22 +48,22 @@ def register_export(
 
     active = mlflow.active_run()
     if active is not None and run_id in (None, active.info.run_id):
-        run_context: Any = contextlib.nullcontext(active)
+        run_context: Any = contextlib.nullcontext(active)  # the caller's run: the caller ends it
     elif run_id is not None:
         if active is not None:
             raise ValueError(f"run {active.info.run_id} is active; cannot log into run {run_id} as well")
-        run_context = mlflow.start_run(run_id=run_id)
+        run_context = TrackedRun.start(uri=uri, resume_run_id=run_id)
     else:
-        experiment_id = ensure_experiment(settings.experiment_name, settings.logger)
-        parent = os.environ.get(PARENT_RUN_ENV) or None
-        run_context = mlflow.start_run(
-            experiment_id=experiment_id,
+        run_context = TrackedRun.start(
             run_name="register",
-            **({"parent_run_id": parent} if parent else {}),
+            experiment_name=settings.experiment_name,
+            logger_cfg=settings.logger,
+            uri=uri,
+            parent_run_id=resolve_parent(),
         )
 
-    with run_context as run:
-        run_id = run.info.run_id
+    with run_context:
+        run_id = mlflow.active_run().info.run_id
         run_tags = mlflow.get_run(run_id).data.tags
         config_text = _config_text(config, run_id)
         scalars = numeric_metrics(metrics)

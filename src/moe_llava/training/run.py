@@ -28,6 +28,7 @@ from moe_llava.config import resolved
 from moe_llava.data.config import stage_config, tokenizer_from_config
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.model.builder import build_image_processor
+from moe_llava.tracking import data_hash, git_commit, start_stage_run, tracking_uri
 from moe_llava.training.callbacks import AtomicCheckpointIO
 from moe_llava.training.datamodule import LlavaDataModule
 from moe_llava.training.lit_module import MoELlavaLitModule
@@ -38,7 +39,6 @@ from moe_llava.training.stages import (
     split_moe_settings,
 )
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
-from moe_llava.training.tracking import StageRun, data_hash, git_commit, tracking_uri
 from moe_llava.training.validation import accumulation_steps, validate_stage_config
 
 COMPLETED = "COMPLETED"
@@ -145,7 +145,7 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         enable()
 
     data_version = data_hash()
-    run = StageRun.start(
+    run = start_stage_run(
         stage_dir=paths["stage_dir"],
         stage=stage,
         experiment_name=cfg.experiment_name,
@@ -161,7 +161,7 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         },
         is_global_zero=rank_zero_only.rank == 0,
     )
-    try:
+    with run:  # FINISHED, or KILLED / FAILED with the error
         run.log_config(OmegaConf.to_container(cfg), OmegaConf.to_yaml(cfg))
         if not run.resumed:
             data_node = stage_config(cfg.data, stage)
@@ -201,14 +201,7 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
             if cfg.logger.get("log_model_weights", True):
                 run.log_artifacts(paths["export"], "export")
             completed_marker.write_text(run.run_id or "")
-        run.end("FINISHED")
-        return result
-    except KeyboardInterrupt:
-        run.end("KILLED")
-        raise
-    except BaseException:
-        run.end("FAILED")
-        raise
+    return result
 
 
 def build_trainer(

@@ -19,19 +19,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moe_llava.errors import ConfigError
 from moe_llava.model.builder import VISION_TOWER_CLASSES
 from moe_llava.model.upcycle import LAYER_MODES
 from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
 LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message starts with the key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 def _check(ok: bool, key: str, message: str) -> None:

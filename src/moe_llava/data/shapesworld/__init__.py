@@ -1,17 +1,21 @@
-"""ShapesWorld: the embedded, deterministic synthetic dataset (no downloads, runs on a CPU laptop)."""
+"""ShapesWorld: the embedded, deterministic synthetic dataset (no downloads, runs on a CPU laptop).
 
-from moe_llava.data.shapesworld.generator import GENERATOR_VERSION, ShapesWorldConfig, generate_shapesworld
-from moe_llava.data.shapesworld.pope import POPE_SPLITS, ObjectStats, pope_questions
-from moe_llava.data.shapesworld.vocab import COLOURS, SHAPES, all_objects
+Modules: ``generator`` (images, captions, instructions, question files), ``scene``, ``text``,
+``vocab`` (colours and shapes), ``pope`` (POPE questions from the object statistics).
+"""
 
-__all__ = [
-    "COLOURS",
-    "GENERATOR_VERSION",
-    "POPE_SPLITS",
-    "SHAPES",
-    "ObjectStats",
-    "ShapesWorldConfig",
-    "all_objects",
-    "generate_shapesworld",
-    "pope_questions",
-]
+from moe_llava._lazy import lazy_exports
+
+_EXPORTS = {
+    "GENERATOR_VERSION": "moe_llava.data.shapesworld.generator",
+    "ShapesWorldConfig": "moe_llava.data.shapesworld.generator",
+    "generate_shapesworld": "moe_llava.data.shapesworld.generator",
+    "POPE_SPLITS": "moe_llava.data.shapesworld.pope",
+    "ObjectStats": "moe_llava.data.shapesworld.pope",
+    "pope_questions": "moe_llava.data.shapesworld.pope",
+    "COLOURS": "moe_llava.data.shapesworld.vocab",
+    "SHAPES": "moe_llava.data.shapesworld.vocab",
+    "all_objects": "moe_llava.data.shapesworld.vocab",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
