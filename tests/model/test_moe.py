@@ -61,7 +61,7 @@ def reference_moe(block: SparseMoeBlock, x: torch.Tensor, capacity: int | None, 
         total = sum(gates)
         for r, e in enumerate(choices[t]):
             if gates[r] > 0:
-                weight = gates[r] / total if block.renormalize else gates[r]
+                weight = gates[r] / total if block.router.renormalize else gates[r]
                 out[t] += weight * block.experts[e](tokens[t : t + 1])[0]
     return out.view_as(x), kept, choices
 
@@ -250,7 +250,7 @@ def test_second_expert_noise_only_in_training_and_top1_unchanged():
     torch.manual_seed(1)
     noisy = block(x)
     top1_noisy = block.last_stats.top1.clone()
-    block.second_expert_noise = False
+    block.router.second_expert_noise = False
     clean = block(x)
     assert not torch.allclose(noisy, clean)
     assert torch.equal(top1_noisy, block.last_stats.top1)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_llava.model.builder import VISION_TOWER_CLASSES
+from moe_llava.model.moe import EXPERT_PATHS
 from moe_llava.model.upcycle import LAYER_MODES
 from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
@@ -131,6 +132,10 @@ def _validate_moe(moe: Mapping) -> None:
             raise ConfigError(f"moe.{key}", f"must be > 0 or null (dropless), got {value!r}")
     for key in ("router_aux_loss_coef", "router_z_loss_coef"):
         _positive(moe, key, "moe", allow_zero=True)
+    if moe.get("expert_path", "auto") not in EXPERT_PATHS:
+        raise ConfigError(
+            "moe.expert_path", f"expected one of {EXPERT_PATHS}, got {moe.get('expert_path')!r}"
+        )
 
 
 def _validate_model(model: Mapping) -> None:
