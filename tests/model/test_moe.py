@@ -348,3 +348,26 @@ def test_inference_skips_experts_without_tokens_training_runs_them_all():
     with_grad = block(x)  # autograd on: every expert is in the graph (DDP without unused parameters)
     assert sorted(calls) == [0, 1, 2, 3]
     torch.testing.assert_close(inferred, with_grad.detach(), atol=0, rtol=0)
+
+
+def test_router_alone_gives_the_routing_the_block_runs():
+    block = distinct_block(capacity_factor=0.5).train()  # C = 6 slots per expert for 24 tokens
+    x = torch.randn(24, D)
+    routing = block.router.route(x)
+    experts_in_order = routing.topk_idx.t().reshape(-1)[routing.order]
+    assert torch.all(experts_in_order[1:] >= experts_in_order[:-1])  # kept assignments grouped by expert
+    assert routing.kept.tolist() == [min(6, int(a)) for a in routing.assigned]
+    assert int(routing.assigned.sum()) == 48 and routing.order.numel() == int(routing.kept.sum())
+    assert routing.gate.shape == routing.order.shape and torch.all(routing.gate > 0)
+    block(x)
+    assert torch.equal(block.last_stats.kept, routing.kept) and block.last_expert_path == "loop"
+    aux, z = block.router.losses(routing)
+    torch.testing.assert_close((aux, z), (block.aux_loss, block.z_loss))
+
+
+def test_checkpoint_layout_is_the_dense_ffn_per_expert():
+    block = SparseMoeBlock.from_dense(GeluMLP(), num_experts=2, top_k=1)
+    assert list(block.state_dict()) == [
+        *(f"experts.{i}.{name}" for i in range(2) for name in GeluMLP().state_dict()),
+        "router.weight",
+    ]

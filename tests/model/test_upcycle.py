@@ -126,6 +126,19 @@ def test_blocks_inherit_train_or_eval_mode():
     assert not any(m.training for m in model.modules())
 
 
+def test_paper_config_chooses_the_expert_path_automatically():
+    from omegaconf import OmegaConf
+
+    from moe_llava.paths import CONF_DIR
+    from moe_llava.training.stages import split_moe_settings
+
+    settings, _ = split_moe_settings(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "moe" / "paper.yaml")))
+    assert settings["expert_path"] == "auto"
+    model = dense_lm("llama")
+    upcycle_to_moe(model, **settings)
+    assert {m.expert_path for m in model.modules() if isinstance(m, SparseMoeBlock)} == {"auto"}
+
+
 def test_expert_path_setting_reaches_every_block():
     model = dense_lm("llama")
     upcycle_to_moe(model, expert_path="loop")

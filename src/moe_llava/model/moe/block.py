@@ -66,6 +66,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         if expert_path not in EXPERT_PATHS:
             raise ValueError(f"expert_path must be one of {EXPERT_PATHS}, got expert_path={expert_path!r}")
+        self.experts = Experts(experts)
         self.router = TopKRouter(
             hidden_size,
             len(experts),
@@ -75,9 +76,8 @@ class SparseMoeBlock(nn.Module):
             min_capacity=min_capacity,
             second_expert_noise=second_expert_noise,
             renormalize=renormalize,
-            device=next(experts[0].parameters()).device,
+            device=next(self.experts.parameters()).device,
         )
-        self.experts = Experts(experts)
         if expert_path == "grouped_mm" and (self.experts.layout is None or grouped_mm_function() is None):
             raise ValueError(
                 "expert_path='grouped_mm' needs a torch with a grouped GEMM and experts of a recognised FFN "
