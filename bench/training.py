@@ -17,6 +17,7 @@ parameters each token runs through (what the ratio would be if time followed FLO
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
@@ -56,6 +57,7 @@ def fit_batches(model, stage: dict, batch: dict, steps: int, precision: str, acc
         lr_scale=stage.get("lr_scale"),
     )
     timer = BatchTimer()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no set-up banner per fit
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -67,7 +69,7 @@ def fit_batches(model, stage: dict, batch: dict, steps: int, precision: str, acc
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     model.train()
     loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)

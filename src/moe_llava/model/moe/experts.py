@@ -8,7 +8,10 @@
   hooks are not called.
 
 The experts stay separate modules with the dense FFN's class and parameter names, so an MoE
-checkpoint holds each expert exactly as the dense FFN it was upcycled from.
+checkpoint holds each expert exactly as the dense FFN it was upcycled from, and the loop, expert
+hooks and name-based trainable sets work on any FFN. The price is on the grouped path only: it
+stacks the experts' weights on every forward (a copy of them), where stacked parameters (as
+``transformers``' and torchtitan's experts keep) would not.
 """
 
 from __future__ import annotations
