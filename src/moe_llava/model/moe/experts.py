@@ -91,7 +91,7 @@ class Experts(nn.ModuleList):
         )
 
     def forward(self, x: torch.Tensor, routing: Routing, path: str) -> torch.Tensor:
-        """Σ over the kept assignments of gate x expert(token), per token of ``x`` (S, d)."""
+        """Per token of ``x`` (S, d): the sum over its kept assignments of gate x expert(token)."""
         token_idx = routing.token_idx
         if path == "grouped_mm":
             # Gather the tokens grouped by expert, run all experts at once, add the gated rows back.
