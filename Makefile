@@ -83,5 +83,13 @@ upgrade-check: setup
 	if [ $$rc -eq 0 ]; then echo "upgrade-check: the suite passes on the newest versions; move the lock with: make lock LOCK_ARGS=--upgrade"; \
 	else echo "upgrade-check: the suite FAILS on the newest versions (pytest exit $$rc); keep the lock" >&2; fi; exit $$rc
 
+# The benchmarks (bench/README.md), from this checkout: the suites' small --quick configurations
+# (a few minutes); `make bench BENCH_ARGS=` for the full sizes. Results: bench_results/<suite>.json.
+BENCH_SUITES ?= moe_layer training generation e2e
+BENCH_ARGS ?= --quick
+.PHONY: bench
+bench: setup
+	for suite in $(BENCH_SUITES); do $(PY) -m bench.$$suite $(BENCH_ARGS) || exit 1; done
+
 clean:
 	rm -rf $(VENV) $(UPGRADE_VENV) .pytest_cache .ruff_cache

@@ -1,196 +1,197 @@
-"""Pieces shared by the model-level suites (training, generation, data, e2e): config overrides,
-interleaved timing with contention control, correctness checks, target verdicts and table text.
-
-The layer suite (:mod:`bench.moe_layer`) predates this module and keeps its own copies.
-"""
+"""What the benchmarks share: interleaved timing on ``torch.utils.benchmark``, the bench-size model
+and its upcycled twin, synthetic batches, and the result file."""
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
+import copy
+import json
+import platform
+import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from torch.utils import benchmark
 
-from bench import device as device_lib
-from bench.timing import LoadMonitor, TimingResult, time_interleaved
+from moe_llava.config import compose_config
+from moe_llava.constants import IGNORE_INDEX
+from moe_llava.model.builder import build_model
+from moe_llava.training.stages import split_moe_settings
 
-
-# ---------------------------------------------------------------------------- configs
-def replace_config(base, suite: str, overrides: dict):
-    """``base`` (a dataclass) with ``overrides`` applied; lists become tuples; unknown names fail clearly."""
-    names = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"suite {suite!r} has no option(s) {unknown}; its options: {sorted(names)}")
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
-    return dataclasses.replace(base, **values)
-
-
-def config_fields(config) -> set[str]:
-    return {f.name for f in dataclasses.fields(config)}
+RESULTS = Path("bench_results")
 
 
 # ---------------------------------------------------------------------------- timing
-def timed_case(
-    variants: dict[str, Callable[[], object]],
-    cfg,
-    device: torch.device | None = None,
-    before_each: Callable[[str], None] | None = None,
-) -> tuple[TimingResult, dict]:
-    """:func:`bench.timing.time_interleaved` with the suite config's rounds and contention settings.
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    *,
+    label: str,
+    sub_label: str,
+    min_run_time: float | None = None,
+    warmup: int = 1,
+) -> dict[str, list[benchmark.Measurement]]:
+    """One ``Timer`` measurement of every callable per round, in an order rotated by one each round.
 
-    ``cfg`` needs ``repeats``, ``warmup``, ``max_waiting_cores``, ``max_rounds_factor`` and
-    ``max_quiet_wait_s``. Returns the timing and a JSON-able description of its rounds and load.
+    Interleaving spreads a shared machine's slow phases over all variants alike, so per-round
+    ratios (:func:`paired_ratio`) stay meaningful when absolute times drift. ``min_run_time``: per
+    measurement, ``Timer.blocked_autorange`` for that long (short calls); None: one call timed on
+    its own (long calls, which ``Timer``'s own warm-up calls would triple).
     """
-    sync = device_lib.synchronizer(device) if device is not None else None
-    with LoadMonitor() as load:
-        timing = time_interleaved(
-            variants,
-            repeats=cfg.repeats,
-            warmup=cfg.warmup,
-            sync=sync,
-            before_each=before_each,
-            max_other_load=cfg.max_waiting_cores,
-            max_rounds=cfg.max_rounds_factor * cfg.repeats,
-            max_quiet_wait_s=cfg.max_quiet_wait_s,
-        )
-    info = {
-        "load": load.as_dict(),
-        "rounds": {
-            "run": timing.rounds_run,
-            "set_aside": timing.rounds_set_aside,
-            "kept_waiting_cores": timing.round_loads,
-            "contended": timing.contended,
-            "quiet_wait_s": timing.quiet_wait_s,
-        },
-        "wall_s": timing.wall_s,
-    }
-    return timing, info
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    out: dict[str, list[benchmark.Measurement]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            if min_run_time is None:
+                seconds = [_seconds(fns[name])]
+                out[name].append(measurement(seconds, label=label, sub_label=sub_label, description=name))
+                continue
+            timer = benchmark.Timer(
+                "fn()",
+                globals={"fn": fns[name]},
+                label=label,
+                sub_label=sub_label,
+                description=name,
+                num_threads=torch.get_num_threads(),
+            )
+            out[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+    return out
 
 
-def rounds_text(row: dict) -> str:
-    r = row["rounds"]
-    return f"{r['run'] - r['set_aside']}/{r['run']}" + ("!" if r["contended"] else "")
+def _seconds(fn: Callable[[], object]) -> float:
+    # Queued GPU work belongs to the call that queued it.
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
 
 
-# ---------------------------------------------------------------------------- checks and verdicts
-def check(name: str, case: str, compared: str, passed: bool, **fields) -> dict:
-    """A correctness check record (the same shape as the layer suite's)."""
-    return {"name": name, "case": case, "compared": compared, **fields, "passed": bool(passed)}
+def measurement(
+    seconds: list[float], *, label: str, sub_label: str, description: str
+) -> benchmark.Measurement:
+    """A ``Measurement`` of times taken some other way (e.g. per training batch), for ``Compare``."""
+    spec = benchmark.TaskSpec(
+        "", "", label=label, sub_label=sub_label, description=description, num_threads=torch.get_num_threads()
+    )
+    return benchmark.Measurement(number_per_run=1, raw_times=list(seconds), task_spec=spec)
 
 
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(max |a - b|, max |a - b| / max |b|)."""
-    a, b = a.detach().float(), b.detach().float()
-    if a.numel() == 0:
-        return 0.0, 0.0
-    diff = float((a - b).abs().max())
-    return diff, diff / max(float(b.abs().max()), 1e-12)
+def median_s(measurements: list[benchmark.Measurement]) -> float:
+    return statistics.median(m.median for m in measurements)
 
 
-def verdict(
-    target: str,
-    case: str,
-    stats: dict | None,
-    op: str,
-    threshold: float,
-    text: str,
-    **extra,
-) -> dict:
-    """One target verdict: ``met`` and ``margin`` (> 0: room left; < 0: missed by that fraction) of the
-    median of ``stats`` (a :func:`bench.timing.summarize` dict) against ``threshold``."""
-    base = {"target": target, "case": case, "text": text, "op": op, "threshold": threshold}
-    if stats is None or stats.get("median") is None:
-        return {**base, "met": None, "reason": extra.pop("reason", "not measured"), **extra}
-    value = stats["median"]
-    met = value <= threshold if op == "<=" else value >= threshold
-    margin = (threshold / value - 1) if op == "<=" else (value / threshold - 1)
-    return {
-        **base,
-        "value": value,
-        "min": stats.get("min"),
-        "max": stats.get("max"),
-        "met": met,
-        "margin": margin,
-        **extra,
-    }
+def paired_ratio(numerator: list, denominator: list) -> float:
+    """Median over rounds of numerator / denominator (``Measurement``s or seconds)."""
+    value = lambda m: m.median if isinstance(m, benchmark.Measurement) else m  # noqa: E731
+    return statistics.median(value(a) / value(b) for a, b in zip(numerator, denominator))
 
 
-def not_applicable(target: str, case: str, text: str, reason: str) -> dict:
-    return {"target": target, "case": case, "text": text, "met": None, "reason": reason}
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-# ---------------------------------------------------------------------------- results and tables
-def environment(device: torch.device, **extra) -> dict:
-    env = device_lib.describe(device)
-    env.update(extra)
+# ---------------------------------------------------------------------------- result files
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few rounds (a minute or two)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default: the suite's)")
+    parser.add_argument("--out", type=Path, help="result JSON (default: bench_results/<suite>.json)")
+    return parser
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
     return env
 
 
-def finish(result: dict, start: float) -> dict:
-    result["all_checks_passed"] = all(c["passed"] for c in result.get("checks", []))
-    result["wall_s"] = time.perf_counter() - start
-    return result
+def write_result(suite: str, result: dict, out: Path | None) -> Path:
+    path = out or RESULTS / f"{suite}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result}
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
 
 
-def fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
+# ---------------------------------------------------------------------------- models
+def load_conf(node: str) -> dict:
+    """One node (``model``, ``moe`` ...) of the project's composed default config, as a plain dict."""
+    return OmegaConf.to_container(compose_config()[node], resolve=True)
 
 
-def header_lines(title: str, result: dict) -> list[str]:
-    env = result["environment"]
-    where = env.get("gpu") or env.get("cpu")
-    line = f"{title} on {env['device']} ({where}, {env['torch_threads']} threads, torch {env['torch']})"
-    if env.get("moe_expert_path"):
-        line += f"; MoE expert path measured: {', '.join(env['moe_expert_path'])}"
-    lines = [line]
-    load = env.get("load")
-    cfg = result.get("config", {})
-    if load is not None:
-        lines.append(
-            f"contention over the run: our threads waited for a CPU {fmt(load['waiting_cores'], '.2f')} cores, "
-            f"other processes kept {fmt(load['other_cores_busy'], '.2f')} of {load['cores']} cores busy"
-            + (
-                ""
-                if "max_waiting_cores" not in cfg
-                else "; contention control off: every round kept"
-                if cfg["max_waiting_cores"] is None
-                else f"; rounds with waiting > {cfg['max_waiting_cores']:.2f} cores are set aside "
-                "(column 'rounds': clean/run, '!' = too few clean rounds, loaded ones kept)"
-            )
-        )
-    return lines
+def build_dense(d_model: int, ffn: int, layers: int, heads: int, vocab: int = 1024, seed: int = 0):
+    """A dense MoE-LLaVA model (random init): the tiny recipe's CLIP tower and projector in front of a
+    Llama LM of the given size (default vocabulary: the ShapesWorld tokenizer's)."""
+    tiny = load_conf("model")
+    language_model = {
+        "name_or_path": None,
+        "config": {
+            "model_type": "llama",
+            "hidden_size": d_model,
+            "intermediate_size": ffn,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 2048,
+            "vocab_size": vocab,
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    }
+    torch.manual_seed(seed)
+    return build_model(
+        tiny["vision_tower"],
+        language_model,
+        pretrained=False,
+        vision_feature_layer=int(tiny["vision_feature_layer"]),
+    )
 
 
-def checks_lines(checks: list[dict]) -> list[str]:
-    failed = [c for c in checks if not c["passed"]]
-    lines = [f"correctness checks: {len(checks) - len(failed)}/{len(checks)} passed"]
-    for c in failed:
-        detail = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in c.items()
-            if k not in ("name", "case", "compared", "passed")
-        )
-        lines.append(f"  FAILED {c['name']} {c['case']}: {c['compared']} ({detail})")
-    return lines
+def upcycled_copy(dense):
+    """The stage-3 model: a copy of ``dense`` upcycled with ``conf/moe/paper.yaml``'s settings."""
+    settings, coefficients = split_moe_settings(load_conf("moe"))
+    moe = copy.deepcopy(dense)
+    moe.upcycle(**settings)
+    for key, value in coefficients.items():
+        setattr(moe.config, key, value)
+    return moe
 
 
-def verdict_lines(verdicts: list[dict], width: int = 30) -> list[str]:
-    lines = ["targets:"]
-    if not verdicts:
-        lines.append("  (none for this suite)")
-    for v in verdicts:
-        if v["met"] is None:
-            lines.append(f"  ----  {v['target']:{width}s} {v['case']:22s} {v.get('reason', '')}")
-            continue
-        word = "met " if v["met"] else "MISS"
-        spread = ""
-        if v.get("min") is not None and v.get("max") is not None:
-            spread = f"; min {v['min']:.3f} max {v['max']:.3f}"
-        note = f"; {v['note']}" if v.get("note") else ""
-        lines.append(
-            f"  {word}  {v['target']:{width}s} {v['case']:22s} {v['value']:.3f} {v['op']} {v['threshold']:.3f}"
-            f"  (margin {v['margin']:+.1%}{spread}{note})"
-        )
-    return lines
+def synthetic_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict:
+    """Per sample one text token, one image, then random text; loss on the second half; no padding.
+    ``seq_len`` counts every token, the image's included."""
+    n_img = model.num_image_tokens
+    if seq_len < n_img + 2:
+        raise ValueError(f"seq_len={seq_len} leaves no room for text around {n_img} image tokens")
+    g = torch.Generator().manual_seed(seed)
+    image_id = model.config.image_token_id
+    ids = torch.randint(
+        3, min(image_id, model.get_input_embeddings().num_embeddings), (batch_size, seq_len), generator=g
+    )
+    ids[:, 1 : 1 + n_img] = image_id
+    labels = ids.clone()
+    labels[:, : seq_len // 2] = IGNORE_INDEX
+    size = model.config.vision_config.image_size
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=g),
+        "image_mask": ids == image_id,
+    }

@@ -21,7 +21,6 @@ COMMAND_GROUPS: dict[str, str] = {
     "chat": "moe_llava.chat",
     "eval": "moe_llava.evaluation.cli",
     "pipeline": "moe_llava.pipeline.cli",
-    "bench": "bench.cli",
 }
 
 

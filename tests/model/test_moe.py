@@ -61,7 +61,7 @@ def reference_moe(block: SparseMoeBlock, x: torch.Tensor, capacity: int | None, 
         total = sum(gates)
         for r, e in enumerate(choices[t]):
             if gates[r] > 0:
-                weight = gates[r] / total if block.renormalize else gates[r]
+                weight = gates[r] / total if block.router.renormalize else gates[r]
                 out[t] += weight * block.experts[e](tokens[t : t + 1])[0]
     return out.view_as(x), kept, choices
 
@@ -250,7 +250,7 @@ def test_second_expert_noise_only_in_training_and_top1_unchanged():
     torch.manual_seed(1)
     noisy = block(x)
     top1_noisy = block.last_stats.top1.clone()
-    block.second_expert_noise = False
+    block.router.second_expert_noise = False
     clean = block(x)
     assert not torch.allclose(noisy, clean)
     assert torch.equal(top1_noisy, block.last_stats.top1)
@@ -348,3 +348,26 @@ def test_inference_skips_experts_without_tokens_training_runs_them_all():
     with_grad = block(x)  # autograd on: every expert is in the graph (DDP without unused parameters)
     assert sorted(calls) == [0, 1, 2, 3]
     torch.testing.assert_close(inferred, with_grad.detach(), atol=0, rtol=0)
+
+
+def test_router_alone_gives_the_routing_the_block_runs():
+    block = distinct_block(capacity_factor=0.5).train()  # C = 6 slots per expert for 24 tokens
+    x = torch.randn(24, D)
+    routing = block.router.route(x)
+    experts_in_order = routing.topk_idx.t().reshape(-1)[routing.order]
+    assert torch.all(experts_in_order[1:] >= experts_in_order[:-1])  # kept assignments grouped by expert
+    assert routing.kept.tolist() == [min(6, int(a)) for a in routing.assigned]
+    assert int(routing.assigned.sum()) == 48 and routing.order.numel() == int(routing.kept.sum())
+    assert routing.gate.shape == routing.order.shape and torch.all(routing.gate > 0)
+    block(x)
+    assert torch.equal(block.last_stats.kept, routing.kept) and block.last_expert_path == "loop"
+    aux, z = block.router.losses(routing)
+    torch.testing.assert_close((aux, z), (block.aux_loss, block.z_loss))
+
+
+def test_checkpoint_layout_is_the_dense_ffn_per_expert():
+    block = SparseMoeBlock.from_dense(GeluMLP(), num_experts=2, top_k=1)
+    assert list(block.state_dict()) == [
+        *(f"experts.{i}.{name}" for i in range(2) for name in GeluMLP().state_dict()),
+        "router.weight",
+    ]

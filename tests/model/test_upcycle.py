@@ -124,3 +124,25 @@ def test_blocks_inherit_train_or_eval_mode():
     model = dense_lm("llama")  # eval
     upcycle_to_moe(model, capacity_factor=1.5, eval_capacity_factor=2.0)
     assert not any(m.training for m in model.modules())
+
+
+def test_paper_config_chooses_the_expert_path_automatically():
+    from omegaconf import OmegaConf
+
+    from moe_llava.paths import CONF_DIR
+    from moe_llava.training.stages import split_moe_settings
+
+    settings, _ = split_moe_settings(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "moe" / "paper.yaml")))
+    assert settings["expert_path"] == "auto"
+    model = dense_lm("llama")
+    upcycle_to_moe(model, **settings)
+    assert {m.expert_path for m in model.modules() if isinstance(m, SparseMoeBlock)} == {"auto"}
+
+
+def test_expert_path_setting_reaches_every_block():
+    model = dense_lm("llama")
+    upcycle_to_moe(model, expert_path="loop")
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    assert blocks and all(b.expert_path == "loop" and b.experts.layout == "gated" for b in blocks)
+    with pytest.raises(ValueError, match="expert_path"):
+        upcycle_to_moe(dense_lm("llama"), expert_path="fast")

@@ -143,6 +143,7 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["moe.num_experts=1"], "moe.num_experts"),
         (["moe.layers=every_other"], "moe.layers"),
         (["moe.capacity_factor=0"], "moe.capacity_factor"),
+        (["moe.expert_path=grouped"], "moe.expert_path"),
         (["stage.trainable=[projector,attention]"], "stage.trainable"),
         (["stage.warmup_ratio=1.5"], "stage.warmup_ratio"),
         (["trainer.precision=fp8"], "trainer.precision"),

@@ -10,7 +10,6 @@ from moe_llava._lazy import lazy_exports
 _EXPORTS = {
     "configure_trainable": "moe_llava.training.stages",
     "load_stage_model": "moe_llava.training.stages",
-    "resolve_stage_config": "moe_llava.training.run",
     "run_stage": "moe_llava.training.run",
     "validate_stage_config": "moe_llava.training.validation",
 }

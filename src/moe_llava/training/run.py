@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +41,6 @@ from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compa
 from moe_llava.training.validation import accumulation_steps, validate_stage_config
 
 COMPLETED = "COMPLETED"
-
-
-def resolve_stage_config(cfg: DictConfig, command_line: Sequence[str] = ()) -> DictConfig:
-    """Deprecated: a resolved copy of ``cfg`` (stage presets are composed by Hydra now).
-
-    Kept for bench/ until it composes with :func:`moe_llava.config.compose_config`.
-    """
-    del command_line
-    return resolved(cfg)
 
 
 def stage_paths(cfg: DictConfig) -> dict[str, Path]:

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moe_llava.errors import ConfigError
 from moe_llava.model.builder import VISION_TOWER_CLASSES
+from moe_llava.model.moe import EXPERT_PATHS
 from moe_llava.model.upcycle import LAYER_MODES
 from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
@@ -115,6 +116,7 @@ class MoEConfig(Schema):
     count_padding: bool
     router_aux_loss_coef: float = rule(ge=0)
     router_z_loss_coef: float = rule(ge=0)
+    expert_path: str = rule(one_of=EXPERT_PATHS)  # how the experts run (moe_llava.model.moe.block)
 
     def check(self) -> None:
         experts, layers = self.num_experts, self.layers

@@ -1,4 +1,4 @@
-"""SparseMoeBlock's two expert paths compute the same thing; the automatic choice is guarded.
+"""SparseMoeBlock's two expert paths compute the same thing; the automatic choice and layout recognition.
 
 The grouped-GEMM path is chosen automatically only on Hopper GPUs in bf16; here it is forced on
 CPU (where torch runs grouped_mm as a loop) to check it against the per-expert loop.
@@ -11,20 +11,39 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, PhiConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.phi.modeling_phi import PhiMLP
 
-from bench import layers
-from moe_llava.model.moe import SparseMoeBlock, _grouped_layout
+from moe_llava.model.moe import SparseMoeBlock, grouped_layout
+from moe_llava.model.moe.experts import grouped_mm_function
 
 D, FFN = 64, 128
+
+pytestmark = pytest.mark.skipif(grouped_mm_function() is None, reason="this torch has no grouped GEMM")
+
+
+def _dense(activation):
+    if activation == "swiglu":
+        return LlamaMLP(LlamaConfig(hidden_size=D, intermediate_size=FFN, hidden_act="silu"))
+    return PhiMLP(PhiConfig(hidden_size=D, intermediate_size=FFN, hidden_act="gelu_new"))
+
+
+def _perturb(block, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.experts.parameters():
+            p.add_((torch.randn(p.shape, generator=generator) * 0.3 * p.float().std()).to(p.dtype))
+        block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=generator) * D**-0.5)
 
 
 def _pair(activation, dtype, seed=0, **kwargs):
     torch.manual_seed(seed)
-    dense = layers.make_dense_ffn(activation, D, FFN).to(dtype)
-    loop = SparseMoeBlock.from_dense(dense, num_experts=4, top_k=2, **kwargs)
-    layers.perturb_experts(loop, scale=0.3, seed=seed + 1)
-    grouped = copy.deepcopy(loop)
-    grouped._expert_path_override = "grouped_mm"
+    dense = _dense(activation).to(dtype)
+    loop = SparseMoeBlock.from_dense(dense, num_experts=4, top_k=2, expert_path="loop", **kwargs)
+    _perturb(loop, seed + 1)
+    grouped = SparseMoeBlock.from_dense(dense, num_experts=4, top_k=2, expert_path="grouped_mm", **kwargs)
+    grouped.load_state_dict(loop.state_dict())
     return loop, grouped
 
 
@@ -53,6 +72,7 @@ def test_grouped_path_matches_loop_path(activation, dtype, capacity_factor, padd
         loop.padding_mask = grouped.padding_mask = mask
     out_l, gx_l, grads_l = _forward_backward(loop.train(), x, grad)
     out_g, gx_g, grads_g = _forward_backward(grouped.train(), x, grad)
+    assert (loop.last_expert_path, grouped.last_expert_path) == ("loop", "grouped_mm")
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert _rel(out_g, out_l) <= tol and _rel(gx_g, gx_l) <= tol
     for g_l, g_g in zip(grads_l, grads_g):
@@ -76,16 +96,20 @@ def test_grouped_path_keeps_experts_without_tokens_in_the_graph():
 
 
 def test_automatic_path_on_cpu_is_the_loop():
-    block, _ = _pair("swiglu", torch.bfloat16)
-    assert block._expert_path(torch.randn(4, D, dtype=torch.bfloat16)) == "loop"
-    assert block._expert_path(torch.randn(4, D)) == "loop"
+    torch.manual_seed(0)
+    block = SparseMoeBlock.from_dense(_dense("swiglu").to(torch.bfloat16), num_experts=4, top_k=2)
+    assert block.expert_path == "auto" and block.last_expert_path is None
+    assert block.resolve_expert_path(torch.randn(4, D, dtype=torch.bfloat16)) == "loop"
+    assert block.resolve_expert_path(torch.randn(4, D)) == "loop"
+    block(torch.randn(4, D, dtype=torch.bfloat16))
+    assert block.last_expert_path == "loop"
 
 
 def test_layout_recognition_is_strict():
     block, _ = _pair("swiglu", torch.float32)
-    assert _grouped_layout(block.experts) == "gated"
+    assert grouped_layout(block.experts) == block.experts.layout == "gated"
     gelu, _ = _pair("gelu", torch.float32)
-    assert _grouped_layout(gelu.experts) == "plain"
+    assert grouped_layout(gelu.experts) == "plain"
 
     class Custom(nn.Module):
         def __init__(self):
@@ -95,21 +119,16 @@ def test_layout_recognition_is_strict():
         def forward(self, x):
             return self.w(x)
 
-    assert _grouped_layout(SparseMoeBlock.from_dense(Custom(), num_experts=2, top_k=1).experts) is None
-    handle = block.experts[1].down_proj.register_forward_hook(lambda *args: None)
-    assert _grouped_layout(block.experts) is None  # a hook must see its module called
-    handle.remove()
-    assert _grouped_layout(block.experts) == "gated"
+    assert grouped_layout(SparseMoeBlock.from_dense(Custom(), num_experts=2, top_k=1).experts) is None
+    with pytest.raises(ValueError, match="expert_path"):
+        SparseMoeBlock.from_dense(Custom(), num_experts=2, top_k=1, expert_path="grouped_mm")
+    with pytest.raises(ValueError, match="expert_path"):
+        SparseMoeBlock.from_dense(_dense("swiglu"), expert_path="grouped")
 
 
-def test_cached_layout_follows_hooks_and_replaced_children():
-    block, grouped = _pair("swiglu", torch.float32)
+def test_grouped_path_refuses_a_replaced_child():
+    _, grouped = _pair("swiglu", torch.float32)
     x = torch.randn(2, 8, D)
-    assert block._experts_layout() == _grouped_layout(block.experts) == "gated"
-    handle = block.experts[0].gate_proj.register_forward_hook(lambda *args: None)
-    assert block._experts_layout() is None  # a hook must see its module called
-    handle.remove()
-    assert block._experts_layout() == "gated"
 
     class Scaled(nn.Module):  # a replaced child: not a plain nn.Linear any more
         def __init__(self, linear):
@@ -121,21 +140,20 @@ def test_cached_layout_follows_hooks_and_replaced_children():
 
     grouped(x)
     grouped.experts[2].down_proj = Scaled(grouped.experts[2].down_proj)
-    assert grouped._experts_layout() is None and _grouped_layout(grouped.experts) is None
+    assert grouped_layout(grouped.experts) is None
     with pytest.raises(ValueError, match="recognised FFN layout"):
         grouped(x)
 
 
-def test_grouped_self_check_rejects_a_look_alike_with_another_formula():
-    block, _ = _pair("swiglu", torch.float32)
+def test_a_look_alike_with_another_formula_is_not_recognised():
+    dense = _dense("swiglu")
 
-    class Swapped(type(block.experts[0])):
+    class Swapped(LlamaMLP):
         def forward(self, x):  # same children, different math: up and gate swapped
             return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
 
-    for expert in block.experts:
-        expert.__class__ = Swapped
-    assert _grouped_layout(block.experts) == "gated"
-    assert block._grouped_self_check(torch.randn(4, D), "gated") is False
-    fine, _ = _pair("swiglu", torch.float32)
-    assert fine._grouped_self_check(torch.randn(4, D), "gated") is True
+    dense.__class__ = Swapped
+    assert grouped_layout([dense, copy.deepcopy(dense)]) is None
+    with pytest.raises(ValueError, match="recognised FFN layout"):
+        SparseMoeBlock.from_dense(dense, num_experts=2, expert_path="grouped_mm")
+    assert SparseMoeBlock.from_dense(_dense("swiglu"), num_experts=2).experts.layout == "gated"
