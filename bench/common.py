@@ -128,9 +128,10 @@ def write_result(suite: str, result: dict, out: Path | None) -> Path:
 
 
 # ---------------------------------------------------------------------------- models
-def load_conf(node: str) -> dict:
-    """One node (``model``, ``moe`` ...) of the project's composed default config, as a plain dict."""
-    return OmegaConf.to_container(compose_config()[node], resolve=True)
+def load_conf(node: str, *overrides: str) -> dict:
+    """One node (``model``, ``moe``, ``stage`` ...) of the project's composed config (Hydra
+    ``overrides``, e.g. ``stage=stage3``), as a plain dict."""
+    return OmegaConf.to_container(compose_config(overrides)[node], resolve=True)
 
 
 def build_dense(d_model: int, ffn: int, layers: int, heads: int, vocab: int = 1024, seed: int = 0):

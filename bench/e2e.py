@@ -89,7 +89,7 @@ def run_pipeline(
                 run_backbones(cfg)
                 result = {}
             else:
-                result = run_stage(cfg, command_line=command_line, callbacks=[timer])
+                result = run_stage(cfg, callbacks=[timer])
         seconds = time.perf_counter() - start
         stage_dir = Path(cfg.run_dir) / stage
         export_config = stage_dir / "export" / "config.json"

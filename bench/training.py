@@ -93,8 +93,8 @@ def run(
     dense = common.build_dense(d_model, ffn, layers, heads)
     moe = common.upcycled_copy(dense)
     models = {
-        "dense": (dense, common.load_conf("stage", "stage2.yaml")),
-        "moe": (moe, common.load_conf("stage", "stage3.yaml")),
+        "dense": (dense, common.load_conf("stage", "stage=stage2")),
+        "moe": (moe, common.load_conf("stage", "stage=stage3")),
     }
     for model, stage in models.values():
         configure_trainable(model, stage["trainable"])

@@ -94,7 +94,7 @@ def test_training_suite_runs_the_stage_steps():
 
 def test_training_step_is_the_lightning_modules():
     moe = common.upcycled_copy(common.build_dense(**TINY, layers=2, heads=4))
-    stage = common.load_conf("stage", "stage3.yaml")
+    stage = common.load_conf("stage", "stage=stage3")
     configure_trainable(moe, stage["trainable"])
     before = {name: p.detach().clone() for name, p in moe.named_parameters()}
     batch = common.synthetic_batch(moe, 2, 72)
