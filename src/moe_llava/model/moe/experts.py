@@ -42,8 +42,8 @@ GROUPED_LAYOUTS = {
 
 
 def grouped_mm_function():
-    """``F.grouped_mm`` (torch >= 2.10) or ``torch._grouped_mm``; None when this torch has neither."""
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    """torch's public grouped GEMM, ``F.grouped_mm``; None in a torch build without it."""
+    return getattr(F, "grouped_mm", None)
 
 
 def grouped_layout(experts: list[nn.Module]) -> str | None:
