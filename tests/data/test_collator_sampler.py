@@ -102,6 +102,19 @@ def test_sampler_is_deterministic_per_epoch_and_drop_last():
     assert all(len(batch) == 4 for batch in dropped) and len(list(dropped)) == len(dropped) == 8 + 4
 
 
+def test_resume_continues_an_epoch_in_its_order_then_whole_epochs():
+    reference = _sampler(HAS_IMAGE, seed=3, num_replicas=2, rank=1)
+    reference.set_epoch(2)
+    epoch2 = list(reference)
+    resumed = _sampler(HAS_IMAGE, seed=3, num_replicas=2, rank=1)
+    resumed.resume(2, 3)
+    assert len(resumed) == len(epoch2) == 7  # Lightning counts the whole epoch
+    assert list(resumed) == epoch2[3:]
+    assert list(resumed) == epoch2  # the next iteration is a whole epoch again
+    with pytest.raises(ValueError, match=r"batches_done must be in \[0, 7\]"):
+        resumed.resume(2, 8)
+
+
 def test_length_grouping_sorts_within_megabatches():
     lengths = list(range(64))
     sampler = ModalityGroupedBatchSampler([True] * 64, lengths, 4, seed=0, megabatch_batches=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from moe_llava.tracking import RUN_ID_FILE, data_hash
 from moe_llava.training import run_stage
 from tests.training.conftest import shrunk_overrides
+from tests.training.faults import read_batches, trained_sequence
 
 
 def _client(tmp_path) -> MlflowClient:
@@ -103,28 +105,55 @@ def _kill_after_checkpoint(proc: subprocess.Popen, checkpoints: Path, timeout: f
         proc.wait(timeout=30)
 
 
-@pytest.mark.timeout(600)
-def test_killed_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(
-    shapesworld, compose_stage, tmp_path
-):
-    long_run = [
-        *shrunk_overrides(shapesworld, tmp_path),
-        "stage=stage1",
-        "stage.max_steps=500",
+def _killed_at(step: int, tmp_path: Path) -> list[str]:
+    return [
+        f"+callbacks.batch_log={{_target_:tests.training.faults.BatchLog,path:'{tmp_path}/batches.jsonl'}}",
+        f"+callbacks.kill={{_target_:tests.training.faults.KillAt,step:{step},marker:'{tmp_path}/killed'}}",
     ]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kill_step", [4, 7], ids=["mid-epoch", "after-an-epoch-end-checkpoint"])
+def test_killed_stage_resumes_where_it_stood_in_the_same_mlflow_run(
+    shapesworld, compose_stage, tmp_path, kill_step
+):
+    """SIGKILL at a step (before its checkpoint): the re-run resumes from the last checkpoint, trains
+    the rest of the interrupted epoch (each sample once, in the epoch's order) and ends at the same
+    global step as an uninterrupted run, in the same MLflow run."""
+    # 48 captions, 4 per micro-batch, 2 micro-batches per step: 6 steps per epoch
+    overrides = ["stage.max_steps=8", *_killed_at(kill_step, tmp_path)]
     stage_dir = tmp_path / "artifacts" / "stage1"
-    _kill_after_checkpoint(_launch_stage(long_run), stage_dir / "checkpoints")
+    killed = subprocess.run(
+        [sys.executable, "-m", "moe_llava.train", *shrunk_overrides(shapesworld, tmp_path), "stage=stage1", *overrides],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     client = _client(tmp_path)
     dead_run_id = (stage_dir / RUN_ID_FILE).read_text()
     assert client.get_run(dead_run_id).info.status == "RUNNING"  # what a killed process leaves behind
     assert not (stage_dir / "COMPLETED").exists()
+    assert not (stage_dir / "export").exists(), "a killed stage leaves no export to be taken as done"
     checkpointed = max(
         int(p.stem.removeprefix("step")) for p in (stage_dir / "checkpoints").glob("step*.ckpt")
     )
-    assert 0 < checkpointed < 8
+    assert checkpointed == kill_step - 1
+    first_attempt = read_batches(tmp_path / "batches.jsonl")
+    (tmp_path / "batches.jsonl").unlink()
 
-    result = run_stage(compose_stage("stage1", "stage.max_steps=8"))
+    result = run_stage(compose_stage("stage1", *overrides))
     assert result["resumed"] is True and result["global_step"] == 8
+    resumed = read_batches(tmp_path / "batches.jsonl")
+    assert resumed[0]["step"] == checkpointed + (resumed[0]["batch_idx"] % 2 == 1)
+    trained = trained_sequence(first_attempt, resumed)
+    assert len(trained) == 8 * 2, "8 steps of 2 micro-batches, none repeated, none skipped"
+    by_epoch: dict[int, list[str]] = {}
+    for batch in trained:
+        by_epoch.setdefault(batch["epoch"], []).extend(batch["ids"])
+    assert len(by_epoch[0]) == 48 and len(set(by_epoch[0])) == 48, "epoch 0: every sample once"
+    assert len(by_epoch[1]) == len(set(by_epoch[1])) == 16 and set(by_epoch[1]) <= set(by_epoch[0])
+    assert by_epoch[1] != by_epoch[0][:16], "epoch 1 is drawn in its own order, not epoch 0's again"
+    assert [b["batch_idx"] for b in trained] == [*range(12), *range(4)]
+
     assert (stage_dir / RUN_ID_FILE).read_text() == dead_run_id
     run = client.get_run(dead_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
@@ -133,6 +162,11 @@ def test_killed_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(
     # stay, except perhaps the last: Lightning writes a step's checkpoint before logging its metrics.
     assert max(steps) == 7 and set(range(checkpointed, 8)) <= steps, "steps continue from the checkpoint"
     assert set(range(checkpointed - 1)) <= steps, "the killed attempt's metrics are kept"
+
+    # The CSV log (`dvc plots`) holds both attempts: every step once.
+    with (stage_dir / "logs" / "metrics.csv").open(newline="") as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert sorted(logged) == list(range(8)) and not (stage_dir / "logs" / "metrics.interrupted.csv").exists()
 
     # A completed stage re-run starts over (fresh run), it does not "resume" a finished one.
     again = run_stage(compose_stage("stage1", "stage.max_steps=2"))

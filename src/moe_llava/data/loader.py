@@ -36,9 +36,9 @@ def build_dataloader(
 ) -> DataLoader:
     """Training (``shuffle=True``) or evaluation (``shuffle=False``, ``padding_side="left"``) loader.
 
-    With ``group_by_modality`` batches come from :class:`ModalityGroupedBatchSampler` (call
-    ``loader.batch_sampler.set_epoch(epoch)`` each epoch); otherwise a plain sequential or shuffled
-    sampler is used (no sharding: pass ``num_replicas=1``).
+    With ``group_by_modality`` batches come from :class:`ModalityGroupedBatchSampler` (Lightning
+    sets its epoch; elsewhere call ``loader.batch_sampler.set_epoch(epoch)`` each epoch); otherwise
+    a plain sequential or shuffled sampler is used (no sharding: pass ``num_replicas=1``).
     """
     collator = build_collator(
         dataset, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of, return_ids=return_ids

@@ -5,7 +5,8 @@ separately (a batch is all-image or all-text), and inside a *megabatch* (``megab
 consecutive batches of one modality) samples are sorted by length so that padding is small. Batch
 order is then shuffled across modalities. Deterministic for a given ``seed`` and epoch
 (:meth:`set_epoch`), and shardable across ranks (``num_replicas``/``rank``) without Lightning's
-distributed sampler, which cannot wrap a batch sampler.
+distributed sampler, which cannot wrap a batch sampler. :meth:`resume` continues an interrupted
+epoch: the same batch order, minus the batches already trained on.
 """
 
 from __future__ import annotations
@@ -62,9 +63,23 @@ class ModalityGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> ModalityGroupedBatchSampler:
+        # Lightning sets each epoch on ``loader.sampler`` and ``loader.batch_sampler.sampler``, never
+        # on the batch sampler itself: without this, every epoch would repeat epoch 0's order.
+        return self
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """The next iteration yields epoch ``epoch``'s batches (of this rank) after the first
+        ``batches_done``; later iterations are whole epochs again. ``len`` stays the whole epoch's."""
+        if not 0 <= batches_done <= len(self):
+            raise ValueError(f"batches_done must be in [0, {len(self)}], got {batches_done}")
+        self.epoch, self._skip = epoch, batches_done
 
     def _group_batches(self, indices: list[int], rng: random.Random) -> list[list[int]]:
         if self.shuffle:
@@ -97,7 +112,8 @@ class ModalityGroupedBatchSampler(Sampler[list[int]]):
             while batches and len(padded) < per_rank * self.num_replicas:
                 padded += batches[: per_rank * self.num_replicas - len(padded)]
             batches = padded[self.rank :: self.num_replicas]
-        yield from batches
+        skip, self._skip = self._skip, 0
+        yield from batches[skip:]
 
     def _num_batches(self, n: int) -> int:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)

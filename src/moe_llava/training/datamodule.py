@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 
 from moe_llava.data.config import dataset_from_config, prepare_stage, stage_manifest
 from moe_llava.data.loader import build_dataloader
@@ -49,6 +51,8 @@ class LlavaDataModule(L.LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, Any] = {}
         self.prepared: dict[str, dict] = {}
+        self._resume_at: dict[str, int] | None = None
+        self._train_loader_built = False
 
     def _splits(self) -> list[str]:
         return [split for split in SPLITS if stage_manifest(self.data_cfg, self.stage, split)]
@@ -111,10 +115,50 @@ class LlavaDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
+            return_ids=True,  # a batch names its records (what was trained on, which record broke a step)
         )
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        self._train_loader_built = True
+        if self._resume_at is not None:
+            loader.batch_sampler.resume(self._resume_at["epoch"], self._resume_at["batches_done"])
+            self._resume_at = None
+        return loader
+
+    # Mid-epoch resume. Lightning restores its loop counters from a checkpoint but replays the
+    # epoch's batches from the start; the checkpoint also carries this state (where the training
+    # epoch stood), and the resumed stage trains the rest of the epoch, each sample once.
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        # batches of this epoch whose step ran (the counter Lightning itself resumes its loop from)
+        epoch, done = trainer.current_epoch, int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if done >= trainer.num_training_batches:  # saved at the epoch's end: Lightning goes on with the next
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state:
+            return
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint's epoch order was drawn with seed {state['seed']}, this run has seed "
+                f"{self.seed}: resume with the same seed, or start the stage over (resume=never)"
+            )
+        if self._train_loader_built:  # FSDP and DeepSpeed restore after setup, which built the loader
+            warnings.warn(
+                "the strategy restores checkpoints after the training data loader started: "
+                "the interrupted epoch is replayed from its start",
+                stacklevel=2,
+            )
+            return
+        self._resume_at = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+        # Lightning cannot see that this loader resumes (its loader is not the stateful object).
+        warnings.filterwarnings(
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+        )
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False) if "val" in self.datasets else []

@@ -12,6 +12,7 @@ Outputs, under ``<run_dir>/<stage>/``:
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import time
@@ -134,6 +135,10 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         )
         enable()
 
+    csv_log = paths["stage_dir"] / "logs" / "metrics.csv"
+    earlier_log = csv_log.with_name("metrics.interrupted.csv")
+    if resume and csv_log.is_file() and rank_zero_only.rank == 0:
+        csv_log.replace(earlier_log)  # Lightning's CSV logger would start the file over
     data_version = data_hash()
     run = start_stage_run(
         stage_dir=paths["stage_dir"],
@@ -182,6 +187,8 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         )
         result = _fit(trainer, module, datamodule, paths["checkpoints"] / "last.ckpt" if resume else None)
         if rank_zero_only.rank == 0:
+            if earlier_log.is_file():
+                join_interrupted_log(earlier_log, csv_log)
             record_prompt_format(model.config, cfg.data, stage)
             export_stage(model, tokenizer, image_processor, paths["export"])
             result.update(counts, wall_time_s=time.perf_counter() - started, resumed=resume)
@@ -232,6 +239,27 @@ def build_trainer(
     )
     trainer.accumulate_grad_batches = accumulation_steps(stage, trainer.world_size)
     return trainer
+
+
+def join_interrupted_log(earlier: Path, current: Path) -> None:
+    """One CSV log for a resumed stage: the interrupted attempt's rows before the step the resumed
+    attempt started from (later ones were rolled back with the checkpoint), then the resumed rows."""
+    with earlier.open(newline="") as f:
+        old = list(csv.DictReader(f))
+    new = []
+    if current.is_file():
+        with current.open(newline="") as f:
+            new = list(csv.DictReader(f))
+    first = min((int(row["step"]) for row in new if row.get("step")), default=None)
+    rows = [row for row in old if first is None or int(row["step"]) < first] + new
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    tmp = current.with_name(current.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(current)
+    earlier.unlink()
 
 
 def _fit(trainer: L.Trainer, module, datamodule, ckpt_path: Path | None) -> dict[str, Any]:
