@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.project import clone_overrides, clone_with_tiny_data, command_env, sh
+from tests.training.faults import attempts, trained_sequence
 
 # No model weights as MLflow artifacts: the registry's model still carries the export.
 SHRUNK = [
@@ -43,8 +44,9 @@ def mlflow_runs(clone: Path) -> list:
     return client, client.search_runs([experiment.experiment_id])
 
 
-def flow_steps(clone: Path, env: dict, **parameters) -> list[str]:
-    """Call the flow in-process in the clone (Prefect's ephemeral mode) with SHRUNK; its step names."""
+def flow_steps(clone: Path, env: dict, extra: tuple[str, ...] = (), **parameters) -> list[str]:
+    """Call the flow in-process in the clone (Prefect's ephemeral mode) with SHRUNK (+ ``extra``
+    overrides); its step names."""
     script = (
         "import json, sys; from flows.moe_tuning import moe_tuning; "
         "r = moe_tuning(overrides=json.loads(sys.argv[1]), **json.loads(sys.argv[2])); "
@@ -54,7 +56,7 @@ def flow_steps(clone: Path, env: dict, **parameters) -> list[str]:
         sys.executable,
         "-c",
         script,
-        json.dumps(SHRUNK),
+        json.dumps([*SHRUNK, *extra]),
         json.dumps(parameters),
         cwd=clone,
         env=env,
@@ -152,11 +154,28 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     assert "version 2 is challenger" in out
 
     # The stage3 pipeline: MoE-tune again from the stage-2 export given as init_from, then evaluate.
-    steps = flow_steps(clone, env, pipeline="stage3", init_from="artifacts/stage2/export", register=False)
-    assert steps == ["data", "stage3", "evaluate-stage3"]
+    # Its stage-3 process is SIGKILLed at step 2 (before that step's checkpoint); Prefect retries the
+    # step, which resumes from the step-1 checkpoint and trains each sample once.
+    faults = "tests.training.faults"
+    killed_at_step_2 = (
+        f"+callbacks.kill={{_target_:{faults}.KillAt,step:2,marker:'{clone.parent / 'killed'}'}}",
+        f"+callbacks.log={{_target_:{faults}.BatchLog,path:'{clone.parent / 'batches.jsonl'}'}}",
+    )
+    steps = flow_steps(
+        clone, env, killed_at_step_2, pipeline="stage3", init_from="artifacts/stage2/export",
+        register=False, retries=1, retry_delay_seconds=0,
+    )  # fmt: skip
+    assert steps == ["data", "stage3", "evaluate-stage3"] and (clone.parent / "killed").exists()
+    result = json.loads((clone / "artifacts" / "stage3" / "metrics.json").read_text())
+    assert result["resumed"] is True and result["global_step"] == 3
+    killed, resumed = attempts(clone.parent / "batches.jsonl")
+    ids = [i for batch in trained_sequence(killed, resumed) for i in batch["ids"]]
+    assert len(ids) == len(set(ids)) == 3 * 8, "3 steps of 8 samples, no sample twice"
     newest_stage3 = next(r for r in mlflow_runs(clone)[1] if r.info.run_name == "stage3")  # newest first
     assert newest_stage3.info.status == "FINISHED" and "upcycled" in newest_stage3.data.tags["model_origin"]
+    assert newest_stage3.data.tags["resumed"] == "true"
     assert newest_stage3.data.tags["mlflow.parentRunId"] != parent.info.run_id  # this flow run's parent
+    assert not any(r.info.status == "RUNNING" for r in mlflow_runs(clone)[1])
 
 
 @pytest.mark.slow

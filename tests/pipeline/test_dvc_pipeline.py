@@ -18,7 +18,7 @@ import yaml
 
 from moe_llava.cli import main
 from tests.project import clone_overrides, clone_with_tiny_data, sh
-from tests.training.faults import read_batches, trained_sequence
+from tests.training.faults import attempts, trained_sequence
 
 STAGES = ("stage1", "stage2", "stage3")
 ALL = ("backbones", *STAGES, "evaluate@stage2", "evaluate@stage3")
@@ -123,12 +123,10 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     params_file.write_text(yaml.safe_dump(stage3, sort_keys=False))
     killed = sh("dvc", "repro", "stage3", cwd=clone, timeout=300, ok=False)
     assert "failed to reproduce" in killed and (tmp_path / "k").exists()
-    first_attempt = read_batches(tmp_path / "b.jsonl")
-    (tmp_path / "b.jsonl").unlink()
     resumed = run("dvc", "repro", "stage3", cwd=clone, timeout=300)
     assert ran(resumed) == ["stage3"]
     result = json.loads((artifacts / "stage3" / "metrics.json").read_text())
     assert result["resumed"] is True and result["global_step"] == 3
-    trained = trained_sequence(first_attempt, read_batches(tmp_path / "b.jsonl"))
+    trained = trained_sequence(*attempts(tmp_path / "b.jsonl"))
     ids = [i for batch in trained for i in batch["ids"]]
     assert len(trained) == 3 * 2 and len(ids) == len(set(ids)) == 3 * 8, "6 micro-batches, no sample twice"

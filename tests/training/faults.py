@@ -13,13 +13,14 @@ import lightning as L
 
 
 class BatchLog(L.Callback):
-    """Appends one JSON line per trained batch: epoch, batch index, global step, record ids."""
+    """Appends one JSON line per trained batch: process, epoch, batch index, global step, record ids."""
 
     def __init__(self, path: str):
         self.path = Path(path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        line = {"epoch": trainer.current_epoch, "batch_idx": batch_idx, "step": trainer.global_step}
+        line = {"pid": os.getpid(), "epoch": trainer.current_epoch, "batch_idx": batch_idx}
+        line["step"] = trainer.global_step
         with self.path.open("a") as f:
             f.write(json.dumps({**line, "ids": list(batch["ids"])}) + "\n")
             f.flush()
@@ -39,8 +40,13 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def read_batches(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def attempts(path: Path) -> list[list[dict]]:
+    """The logged batches, per process that trained (in order)."""
+    by_pid: dict[int, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        batch = json.loads(line)
+        by_pid.setdefault(batch["pid"], []).append(batch)
+    return list(by_pid.values())
 
 
 def trained_sequence(killed: list[dict], resumed: list[dict]) -> list[dict]:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from moe_llava.tracking import RUN_ID_FILE, data_hash
 from moe_llava.training import run_stage
 from tests.training.conftest import shrunk_overrides
-from tests.training.faults import read_batches, trained_sequence
+from tests.training.faults import attempts, trained_sequence
 
 
 def _client(tmp_path) -> MlflowClient:
@@ -137,12 +137,10 @@ def test_killed_stage_resumes_where_it_stood_in_the_same_mlflow_run(
         int(p.stem.removeprefix("step")) for p in (stage_dir / "checkpoints").glob("step*.ckpt")
     )
     assert checkpointed == kill_step - 1
-    first_attempt = read_batches(tmp_path / "batches.jsonl")
-    (tmp_path / "batches.jsonl").unlink()
 
     result = run_stage(compose_stage("stage1", *overrides))
     assert result["resumed"] is True and result["global_step"] == 8
-    resumed = read_batches(tmp_path / "batches.jsonl")
+    first_attempt, resumed = attempts(tmp_path / "batches.jsonl")
     assert resumed[0]["step"] == checkpointed + (resumed[0]["batch_idx"] % 2 == 1)
     trained = trained_sequence(first_attempt, resumed)
     assert len(trained) == 8 * 2, "8 steps of 2 micro-batches, none repeated, none skipped"
