@@ -69,13 +69,15 @@ class RejectedFractionError(DataError):
 
 
 class EvalFileError(DataError):
-    """A malformed question or answer file; the message names the file, the line and the field."""
+    """A malformed question or answer file; the message names the file, the record's location
+    (``line N`` in JSON Lines, ``record #i`` in a JSON array) and the field."""
 
     def __init__(
-        self, message: str, *, file: str | Path, line: int | None = None, field: str | None = None
+        self, message: str, *, file: str | Path, location: str | None = None, field: str | None = None
     ) -> None:
-        self.file, self.record, self.field, self.detail, self.line = str(file), None, field, message, line
-        parts = [str(file), *([f"line {line}"] if line else []), *([f"field {field!r}"] if field else [])]
+        self.file, self.record, self.field, self.detail = str(file), None, field, message
+        self.location = location
+        parts = [str(file), *([location] if location else []), *([f"field {field!r}"] if field else [])]
         ValueError.__init__(self, ": ".join([*parts, message]))
 
 
