@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import builtins
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from moe_llava.model import MoELlavaConfig, MoELlavaForCausalLM
 from moe_llava.model.builder import build_image_processor, build_language_model, build_vision_tower
 from moe_llava.model.checkpoint import load_export_model
 from tests.conftest import IMAGE_TOKEN_ID, tiny_llama_config, tiny_vision_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class WritesMarker:
@@ -161,3 +165,22 @@ def test_checkpoint_code_never_runs(tmp_path, monkeypatch):
             load()
         assert str(folder) in str(err.value), name
         assert not marker.exists(), f"the {name} loader ran the checkpoint's code"
+
+
+def test_no_source_turns_on_remote_code_or_unpickling():
+    """Every ``torch.load`` passes ``weights_only=True``; no call passes ``weights_only`` other than
+    True or ``trust_remote_code`` other than False (a literal: never a variable that could be on)."""
+    offences = []
+    for path in sorted(p for folder in ("src", "flows", "tools") for p in (REPO / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            keywords = {k.arg: k.value for k in node.keywords}
+            if ast.unparse(node.func) == "torch.load" and "weights_only" not in keywords:
+                offences.append(f"{where}: torch.load without weights_only=True")
+            for name, allowed in (("weights_only", True), ("trust_remote_code", False)):
+                value = keywords.get(name)
+                if value is not None and not (isinstance(value, ast.Constant) and value.value is allowed):
+                    offences.append(f"{where}: {name}={ast.unparse(value)}")
+    assert not offences, offences

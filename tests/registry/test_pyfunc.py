@@ -14,8 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from moe_llava.errors import ConfigError
 from moe_llava.registry.io import decode_image
-from moe_llava.registry.model import export_in_logged_model, resolve_export_dir
+from moe_llava.registry.model import checked_pyfunc_config, export_in_logged_model, resolve_export_dir
 from tests.conftest import png_bomb
 from tests.registry.conftest import MAX_NEW_TOKENS, image_base64
 
@@ -179,3 +180,18 @@ def test_bad_requests_are_invalid_parameter_errors_naming_the_row(pyfunc, images
         assert err.value.error_code == "INVALID_PARAMETER_VALUE" and message in err.value.message, (
             err.value.message
         )
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"max_token": 8}, "registry.pyfunc: unknown keys ['max_token']"),
+        ({"max_rows": 0}, "registry.pyfunc.max_rows: must be an integer >= 1, got 0"),
+        ({"max_image_bytes": "10MB"}, "registry.pyfunc.max_image_bytes: must be an integer >= 1"),
+        ({"image_folder": 3}, "registry.pyfunc.image_folder: must be a path or null, got 3"),
+    ],
+)
+def test_pyfunc_config_errors_name_the_key(config, key):
+    with pytest.raises(ConfigError) as err:
+        checked_pyfunc_config(config)
+    assert str(err.value).startswith(key)

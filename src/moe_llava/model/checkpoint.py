@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moe_llava.constants import MODEL_TYPE
 from moe_llava.errors import CheckpointError
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -19,9 +20,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def check_export_config(model_dir: str | Path) -> dict[str, Any]:
-    """``config.json`` of ``model_dir`` as a dict, if it is a MoE-LLaVA config."""
-    from moe_llava.model.configuration import MoELlavaConfig
-
+    """``config.json`` of ``model_dir`` as a dict, if it is a MoE-LLaVA config (reads JSON only)."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise CheckpointError("not a model export (no config.json)", file=model_dir)
@@ -30,9 +29,9 @@ def check_export_config(model_dir: str | Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"not valid JSON ({err})", file=config_file) from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != MoELlavaConfig.model_type:
+    if model_type != MODEL_TYPE:
         raise CheckpointError(
-            f"model_type {model_type!r} is not a MoE-LLaVA model ({MoELlavaConfig.model_type!r})",
+            f"model_type {model_type!r} is not a MoE-LLaVA model ({MODEL_TYPE!r})",
             file=config_file,
         )
     return config
