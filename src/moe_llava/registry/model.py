@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 import moe_llava
+from moe_llava.errors import ConfigError
 from moe_llava.registry.io import ANSWER_COLUMN, EXPORT_ARTIFACT, IMAGE_COLUMN, PROMPT_COLUMN
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -36,7 +37,7 @@ DEFAULT_PYFUNC_CONFIG = {
     "max_new_tokens": 32,  # default of the request parameter
     "batch_size": 8,
     "device": "auto",
-    # Request limits: a request over one is refused (HTTP 400 when served), before any decoding.
+    # Request limits: a request over one is refused, naming the row (HTTP 400 when served).
     "max_rows": 32,
     "max_image_bytes": 10_000_000,  # encoded size of one image
     "max_image_pixels": 16_000_000,  # width x height of one image, read from its header
@@ -47,8 +48,6 @@ _POSITIVE_INTS = ("max_new_tokens", "batch_size", "max_rows", "max_image_bytes",
 
 def checked_pyfunc_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``config`` over the defaults, checked: errors name the key (``registry.pyfunc.<key>``)."""
-    from moe_llava.errors import ConfigError
-
     config = dict(config or {})
     unknown = set(config) - set(DEFAULT_PYFUNC_CONFIG)
     if unknown:
