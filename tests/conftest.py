@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 
 # Tests never reach a model hub: fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,3 +105,17 @@ def multimodal_batch(model: MoELlavaForCausalLM, batch: int = 2, text_len: int =
         "attention_mask": torch.ones_like(input_ids),
         "pixel_values": torch.randn(batch, 3, size, size, generator=g),
     }
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit black PNG of ``width`` x ``height``: a few kB on disk, ``3 * width * height``
+    bytes once decoded to RGB (a decompression bomb). Written row by row, never whole in memory."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0 + the row's bits, all black
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from moe_llava.inference import _store_image, normalize_image
+from tests.conftest import png_bomb
 
 
 def png_bytes(colour=(200, 30, 30)) -> bytes:
@@ -38,7 +39,10 @@ def test_normalize_image_accepts_every_documented_form(tmp_path):
 @pytest.mark.parametrize(
     ("image", "message"),
     [
-        ("not an image!", "row 2: image 'not an image!' is neither an existing file nor base64"),
+        (
+            "not an image!",
+            "row 2: image 'not an image!' is not an existing file or base64-encoded image data",
+        ),
         (42, "row 2: image must be a path, PIL image, bytes or base64 text, got int"),
     ],
 )
@@ -53,7 +57,44 @@ def test_store_image_writes_a_png_or_names_the_bad_input(tmp_path):
     assert Image.open(tmp_path / name).getpixel((0, 0)) == (1, 2, 3)
     name = _store_image(base64.b64encode(png_bytes((0, 255, 0))).decode(), tmp_path, 2)
     assert Image.open(tmp_path / name).convert("RGB").getpixel((0, 0)) == (0, 255, 0)
-    with pytest.raises(ValueError, match="question #3: not a readable image"):
+    with pytest.raises(ValueError, match=r"question #3: not an image file \(unknown format\)"):
         _store_image(b"\x00not a png", tmp_path, 3)
     with pytest.raises(ValueError, match="question #4: image file not found"):
         _store_image(tmp_path / "missing.png", tmp_path, 4)
+
+
+@pytest.mark.parametrize("form", ["bytes", "base64", "data-url", "path"])
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, form):
+    """A few kB that would decode to 192 MB (over the pixel budget) or 588 MB (over Pillow's own
+    limit): refused from the PNG header, naming the question, whatever form the image comes in."""
+    for (width, height), message in [
+        ((8000, 8000), "8000x8000 = 64000000 pixels exceeds the limit 40000000"),
+        ((14000, 14000), "decompression bomb guard: Image size \\(196000000 pixels\\) exceeds limit"),
+    ]:
+        data = png_bomb(width, height)
+        image = {
+            "bytes": data,
+            "base64": base64.b64encode(data).decode(),
+            "data-url": "data:image/png;base64," + base64.b64encode(data).decode(),
+            "path": tmp_path / "bomb.png",
+        }[form]
+        (tmp_path / "bomb.png").write_bytes(data)
+        with pytest.raises(ValueError, match=f"^question #5: {message}"):
+            _store_image(image, tmp_path, 5)
+    assert not (tmp_path / "000005.png").exists()
+
+
+def test_image_data_over_the_byte_limit_is_refused_before_decoding(tmp_path):
+    data = png_bytes()
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    limit = len(data) - 1
+    for image in (data, base64.b64encode(data).decode(), path, str(path)):
+        with pytest.raises(
+            ValueError, match=rf"^row 1: image data of about \d+ bytes exceeds the limit of {limit}"
+        ):
+            normalize_image(image, "row 1", max_bytes=limit)
+    huge_text = "QUFB" * 1_000_000  # 4 MB of base64: refused from its length, never decoded
+    with pytest.raises(ValueError, match="exceeds the limit of 1000 bytes"):
+        normalize_image(huge_text, "row 1", max_bytes=1000)
+    assert normalize_image(data, max_bytes=len(data)) == data

@@ -7,3 +7,6 @@ IGNORE_INDEX = -100
 # `num_image_tokens` copies of the tokenizer's id for it; the model replaces those
 # positions by the projected vision features (one feature per copy).
 IMAGE_TOKEN = "<image>"
+
+# `model_type` of the model's transformers config (config.json): what marks a folder as ours.
+MODEL_TYPE = "moe_llava"

@@ -47,8 +47,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from moe_llava.constants import IGNORE_INDEX
-    from moe_llava.model import MoELlavaForCausalLM, count_parameters
+    from moe_llava.model import count_parameters
     from moe_llava.model.builder import build_image_processor
+    from moe_llava.model.checkpoint import load_export_model
     from moe_llava.model.recipes import load_recipe
 
     start = time.perf_counter()
@@ -99,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as export_dir:
         model.save_pretrained(export_dir)
-        reloaded = MoELlavaForCausalLM.from_pretrained(export_dir).eval()
+        reloaded = load_export_model(export_dir).eval()
     prompts = input_ids[:, :-2]
     generated = reloaded.generate(prompts, pixel_values, max_new_tokens=2, do_sample=False, pad_token_id=0)
     correct = 0

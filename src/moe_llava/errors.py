@@ -7,6 +7,8 @@ one clear line (exit 2) instead of a traceback:
 * :class:`DataError` and its kinds (:class:`ManifestError`, :class:`TemplateError`,
   :class:`RejectedFractionError`, :class:`EvalFileError`): a problem with input data; messages name
   the file, the record (id or index) or line, and the field when they are known.
+* :class:`CheckpointError`: a model folder or weights file that is not one of this project's
+  exports (another architecture, a pickle posing as weights, a corrupt file); it names the file.
 
 :class:`Terminated` is what a tracked run (:mod:`moe_llava.tracking`) raises on SIGTERM, so the run
 is ended ``KILLED`` like on Ctrl-C.
@@ -69,14 +71,25 @@ class RejectedFractionError(DataError):
 
 
 class EvalFileError(DataError):
-    """A malformed question or answer file; the message names the file, the line and the field."""
+    """A malformed question or answer file; the message names the file, the record's location
+    (``line N`` in JSON Lines, ``record #i`` in a JSON array) and the field."""
 
     def __init__(
-        self, message: str, *, file: str | Path, line: int | None = None, field: str | None = None
+        self, message: str, *, file: str | Path, location: str | None = None, field: str | None = None
     ) -> None:
-        self.file, self.record, self.field, self.detail, self.line = str(file), None, field, message, line
-        parts = [str(file), *([f"line {line}"] if line else []), *([f"field {field!r}"] if field else [])]
+        self.file, self.record, self.field, self.detail = str(file), None, field, message
+        self.location = location
+        parts = [str(file), *([location] if location else []), *([f"field {field!r}"] if field else [])]
         ValueError.__init__(self, ": ".join([*parts, message]))
+
+
+class CheckpointError(ValueError):
+    """A model folder or weights file that is not a loadable MoE-LLaVA export; the message names the file."""
+
+    def __init__(self, message: str, *, file: str | Path) -> None:
+        self.file = str(file)
+        self.detail = message
+        super().__init__(f"{file}: {message}")
 
 
 class Terminated(KeyboardInterrupt):

@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from moe_llava.constants import IMAGE_TOKEN
+from moe_llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageIssue, read_image
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -54,21 +56,20 @@ class LoadedModel:
 def load_pretrained(
     model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedModel:
-    """Load a stage export (``save_pretrained`` dir: safetensors weights, tokenizer, image processor)."""
+    """Load a stage export (``save_pretrained`` dir: safetensors weights, tokenizer, image processor).
+
+    Only this project's exports load (:func:`~moe_llava.model.checkpoint.load_export_model`), and no
+    code shipped with the folder runs (``trust_remote_code=False``).
+    """
     from transformers import AutoImageProcessor
 
     from moe_llava.data.tokenizer import load_tokenizer
-    from moe_llava.model import MoELlavaForCausalLM
+    from moe_llava.model.checkpoint import load_export_model
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(
-            f"{model_dir} is not a model export (no config.json); expected a stage's export/ folder"
-        )
-    model = MoELlavaForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    model = load_export_model(model_dir, dtype=dtype or torch.float32)
     model.to(device).eval()
     tokenizer = load_tokenizer(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=False)
     return LoadedModel(model, tokenizer, image_processor)
 
 
@@ -100,6 +101,8 @@ def generate_answers(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     eos = tokenizer.eos_token_id
+    # Beyond its context a model answers nonsense, and attention memory grows with the square of it.
+    context = getattr(model.config.text_config, "max_position_embeddings", None)
     answers: list[dict[str, str]] = []
     bar = tqdm(
         total=len(dataset),
@@ -111,6 +114,12 @@ def generate_answers(
         for batch in loader:
             if on_batch is not None:
                 on_batch(batch)
+            for qid, length in zip(batch["ids"], batch["attention_mask"].sum(1).tolist()):
+                if context is not None and length + max_new_tokens > context:
+                    raise ValueError(
+                        f"{qid}: the prompt ({length} tokens, image tokens included) plus max_new_tokens "
+                        f"({max_new_tokens}) exceeds the model's context of {context} tokens"
+                    )
             pixel_values = batch["pixel_values"]
             new_tokens = model.generate(
                 input_ids=batch["input_ids"].to(device),
@@ -146,29 +155,42 @@ class Answerer:
 
     Images may be file paths, PIL images, raw bytes or base64 strings; they are written to a
     private temporary folder so that they go through exactly the dataset's image checks and transforms.
+    An image over ``max_image_pixels`` is refused from its header, before its pixels are decoded.
     """
 
     def __init__(
-        self, loaded: LoadedModel, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 8
+        self,
+        loaded: LoadedModel,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        batch_size: int = 8,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.loaded = loaded
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = int(max_new_tokens)
         self.batch_size = batch_size
+        self.max_image_pixels = max_image_pixels
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> Answerer:
         load_kwargs = {k: kwargs.pop(k) for k in ("device", "dtype") if k in kwargs}
         return cls(load_pretrained(model_dir, **load_kwargs), **kwargs)
 
-    def answer(self, questions: Sequence[tuple[Any, str]]) -> list[str]:
-        """Answers to ``[(image or None, prompt), ...]``, in order."""
+    def answer(self, questions: Sequence[tuple[Any, str]], names: Sequence[str] | None = None) -> list[str]:
+        """Answers to ``[(image or None, prompt), ...]``, in order; ``names`` label the questions in
+        errors (default ``question #i``)."""
         from moe_llava.data.dataset import LlavaDataset
 
         if not questions:
             return []
+        names = list(names) if names is not None else [f"question #{i}" for i in range(len(questions))]
         with tempfile.TemporaryDirectory(prefix="moe-llava-images-") as folder:
             records = [
-                question_record(str(i), _store_image(image, Path(folder), i), prompt)
+                question_record(
+                    names[i], _store_image(image, Path(folder), i, names[i], self.max_image_pixels), prompt
+                )
                 for i, (image, prompt) in enumerate(questions)
             ]
             dataset = LlavaDataset(
@@ -178,21 +200,27 @@ class Answerer:
                 self.loaded, dataset, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens
             )
         by_id = {a["question_id"]: a["text"] for a in answers}
-        return [by_id[str(i)] for i in range(len(questions))]
+        return [by_id[name] for name in names]
 
 
-def normalize_image(image: Any, label: str = "image") -> Image.Image | bytes | str | None:
+def normalize_image(
+    image: Any, label: str = "image", *, max_bytes: int | None = None, paths: bool = True
+) -> Image.Image | bytes | str | None:
     """An image given as a path, PIL image, bytes or base64 text (data URLs too) -> None (no image),
-    a path, bytes or a PIL image. ``label`` names the input in errors (e.g. ``"row 3"``)."""
+    a path, bytes or a PIL image. ``label`` names the input in errors (e.g. ``"row 3"``); encoded
+    image data over ``max_bytes`` is refused (base64 text before it is decoded). With ``paths=False``
+    text is only ever base64: the file system is not looked at."""
     if image is None or (isinstance(image, float) and image != image):  # None / NaN: text-only
         return None
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (bytes, bytearray)):
+        _check_bytes(len(image), label, max_bytes)
         return bytes(image)
-    if isinstance(image, Path):
+    if isinstance(image, Path) and paths:
         if not image.is_file():
             raise ValueError(f"{label}: image file not found: {image}")
+        _check_bytes(image.stat().st_size, label, max_bytes)
         return str(image)
     if not isinstance(image, str):
         raise ValueError(
@@ -202,30 +230,51 @@ def normalize_image(image: Any, label: str = "image") -> Image.Image | bytes | s
     if not text:
         return None
     # os.path.isfile, not Path.is_file: long base64 text must not raise "file name too long"
-    if not text.startswith("data:") and os.path.isfile(text):
-        return text
+    if paths and not text.startswith("data:") and os.path.isfile(text):
+        return normalize_image(Path(text), label, max_bytes=max_bytes)
     payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    _check_bytes(len(payload) * 3 // 4, label, max_bytes)
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(
-            f"{label}: image {text[:60]!r} is neither an existing file nor base64-encoded image data"
-        ) from None
+        expected = "an existing file or base64-encoded image data" if paths else "base64-encoded image data"
+        raise ValueError(f"{label}: image {text[:60]!r} is not {expected}") from None
 
 
-def _store_image(image: Any, folder: Path, index: int) -> str | None:
-    """Write one image into ``folder`` as PNG; returns its relative name (None: no image)."""
-    label = f"question #{index}"
+def _check_bytes(size: int, label: str, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{label}: image data of about {size} bytes exceeds the limit of {max_bytes} bytes")
+
+
+def _store_image(
+    image: Any,
+    folder: Path,
+    index: int,
+    label: str | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> str | None:
+    """Write one image into ``folder`` as PNG; returns its relative name (None: no image).
+
+    Encoded images are decoded by :func:`~moe_llava.data.images.read_image`, which refuses one over
+    ``max_pixels`` from its header (a decompression bomb never expands in memory).
+    """
+    label = label or f"question #{index}"
     image = normalize_image(image, label)
     if image is None:
         return None
-    name = f"{index:06d}.png"
+    stored = f"{index:06d}.png"
     try:
-        if isinstance(image, Image.Image):
-            image.convert("RGB").save(folder / name)
-            return name
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
-            img.convert("RGB").save(folder / name)
+        if isinstance(image, bytes):
+            image = read_image(io.BytesIO(image), "image data", max_pixels=max_pixels)
+        elif isinstance(image, str):
+            image = read_image(image, image, max_pixels=max_pixels)
+        elif image.width * image.height > max_pixels:
+            raise ImageIssue(
+                "oversized_image", f"{image.width}x{image.height} pixels exceeds the limit {max_pixels}"
+            )
+        image.convert("RGB").save(folder / stored)
+    except ImageIssue as issue:
+        raise ValueError(f"{label}: {issue.detail}") from None
     except OSError as err:
-        raise ValueError(f"{label}: not a readable image ({err})") from None
-    return name
+        raise ValueError(f"{label}: the image cannot be stored ({err})") from None
+    return stored

@@ -99,6 +99,22 @@ def test_malformed_json_names_file_record_and_line(tmp_path, text, message):
     assert "bad.json" in str(err.value)
 
 
+def test_json_array_records_are_located_by_index_jsonl_records_by_line(tmp_path):
+    """A one-line JSON array has every record on line 1: messages name the record index instead."""
+    one_line = tmp_path / "one.json"
+    one_line.write_text(json.dumps([{"id": "a"}, {"id": "b"}, 7]))
+    assert [e.location for e in iter_entries(one_line)] == ["record #0", "record #1", "record #2"]
+    with pytest.raises(ManifestError) as err:
+        list(iter_manifest(one_line))
+    assert str(err.value) == f"{one_line}: record #2: a record must be a JSON object, got int"
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text('{"id": "a"}\n\n7\n')
+    assert [e.location for e in iter_entries(jsonl)] == ["line 1", "line 3"]
+    with pytest.raises(ManifestError) as err:
+        list(iter_manifest(jsonl))
+    assert str(err.value) == f"{jsonl}: record #1: line 3: a record must be a JSON object, got int"
+
+
 def test_missing_file_and_empty_file(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         list(iter_manifest(tmp_path / "nope.json"))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from moe_llava.cli import main
+from moe_llava.data.dataset import LlavaDataset
 from moe_llava.data.manifest import read_manifest, write_manifest
 from moe_llava.data.prepare import prepare_manifest
 from moe_llava.data.validation import Validator
-from moe_llava.errors import RejectedFractionError
+from moe_llava.errors import DataError, RejectedFractionError
 
 
 def _records(n_good: int, bad: list[dict]) -> list[dict]:
@@ -108,3 +110,15 @@ def test_prepare_stage_from_the_shapesworld_config(tiny_shapesworld, sw_tokenize
     for stage in ("stage1", "stage2"):
         result = prepare_stage(cfg.data, stage, tmp_path / stage, tokenizer=sw_tokenizer, num_image_tokens=16)
         assert result.rejected == 0 and result.kept == result.total > 0
+
+
+@pytest.mark.parametrize(("name", "text"), [("empty.json", "[]"), ("empty.jsonl", "\n\n")])
+def test_an_empty_dataset_is_refused_naming_the_file(tmp_path, image_folder, sw_tokenizer, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: the manifest has no records"):
+        prepare_manifest(
+            path, tmp_path / "out", Validator(image_folder=image_folder), max_rejected_fraction=1
+        )
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: no usable record"):
+        LlavaDataset(path, sw_tokenizer, image_folder=image_folder)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from moe_llava.cli import main
-from moe_llava.data.manifest import write_manifest
+from moe_llava.data.manifest import read_manifest, write_manifest
+from moe_llava.data.prepare import prepare_manifest
 from moe_llava.data.templates import get_template
 from moe_llava.data.validation import REASONS, Reason, Validator, validate_manifest
 
@@ -163,6 +167,27 @@ def test_validate_manifest_report(tmp_path, validator):
     assert f"summary: {report.total} record(s), {len(GOOD)} valid, {len(BAD) + 2} invalid" in text
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_report_and_quarantine_locate_records_by_index_in_json_by_line_in_jsonl(
+    tmp_path, image_folder, suffix
+):
+    bad = [{"id": "no-placeholder", "image": "good.png", "conversations": conv("What?")}, {"id": "empty"}]
+    path = tmp_path / f"one-line{suffix}"
+    if suffix == ".json":  # the whole array on one line, as json.dump writes it
+        path.write_text(json.dumps([GOOD[0], *bad]))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n\n" for r in [GOOD[0], *bad]))  # records on lines 1, 3, 5
+    where = ["record #1", "record #2"] if suffix == ".json" else ["line 3", "line 5"]
+    text = validate_manifest(path, Validator(image_folder=image_folder)).format()
+    assert f"no-placeholder ({where[0]}): image_placeholder_mismatch" in text
+    assert f"empty ({where[1]}): malformed_record" in text
+    result = prepare_manifest(
+        path, tmp_path / "out", Validator(image_folder=image_folder), max_rejected_fraction=1
+    )
+    assert [q["location"] for q in read_manifest(result.quarantine)] == where
+    assert read_manifest(result.manifest) == [GOOD[0]]  # the good record is kept
+
+
 def test_cli_validate_exit_status_and_report(tmp_path, image_folder, bos_tokenizer, capsys):
     path = tmp_path / "mixed.jsonl"
     _write_mixed_manifest(path)
@@ -179,6 +204,43 @@ def test_cli_validate_exit_status_and_report(tmp_path, image_folder, bos_tokeniz
     write_manifest(clean, GOOD)
     assert main(["data", "validate", str(clean), "--image-folder", str(image_folder), "--no-progress"]) == 0
     assert "0 invalid" in capsys.readouterr().out
+
+
+def test_bad_jpg_files_are_quarantined_by_name_and_good_records_kept(tmp_path, image_folder):
+    """Corrupt, truncated and non-image files named .jpg: each rejected for its reason, naming the file."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    scan = data.index(b"\xff\xda")  # start of the compressed pixel data
+    files = {
+        "photo.jpg": data,
+        "corrupt.jpg": data[:scan] + bytes(len(data) - scan),  # valid header, pixel data zeroed
+        "truncated.jpg": data[: len(data) // 2],
+        "text.jpg": b"GIF? no: plain text\n",
+        "empty.jpg": b"",
+    }
+    for name, content in files.items():
+        (image_folder / name).write_bytes(content)
+    records = [{"id": name, "image": name, "conversations": conv()} for name in files]
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, records)
+    result = prepare_manifest(
+        manifest, tmp_path / "out", Validator(image_folder=image_folder), max_rejected_fraction=1
+    )
+    assert read_manifest(result.manifest) == records[:1]
+    quarantined = {q["id"]: q["issues"] for q in read_manifest(result.quarantine)}
+    expected = {
+        "corrupt.jpg": "unreadable_image",
+        "truncated.jpg": "unreadable_image",
+        "text.jpg": "not_an_image",
+        "empty.jpg": "not_an_image",
+    }
+    assert {rid: [i["reason"] for i in issues] for rid, issues in quarantined.items()} == {
+        rid: [reason] for rid, reason in expected.items()
+    }
+    for name, issues in quarantined.items():
+        assert issues[0]["field"] == "image" and str(image_folder / name) in issues[0]["detail"]
 
 
 def test_header_check_is_fast_but_misses_truncation(image_folder):

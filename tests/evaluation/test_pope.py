@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -170,6 +171,20 @@ def test_bad_question_records_name_file_line_and_field(tmp_path, line, field, me
     text = str(err.value)
     assert text.startswith(f"{path}: line 2: field '{field}': ")
     assert message in text
+
+
+def test_json_array_question_and_answer_files_name_the_record_index(tmp_path):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([*pope_records(1, 1), {"question_id": 7, "text": "Cat?", "label": "maybe"}]))
+    with pytest.raises(EvalFileError) as err:
+        read_questions(path, kind="pope")
+    assert str(err.value).startswith(f"{path}: record #2: field 'label': question_id '7'")
+    answers = tmp_path / "a.json"
+    answers.write_text(json.dumps([{"question_id": 1, "text": "Yes"}, {"question_id": 1, "text": "No"}]))
+    with pytest.raises(
+        EvalFileError, match=r"a\.json: record #1: field 'question_id': .* \(first on record #0\)"
+    ):
+        read_answers(answers)
 
 
 def test_invalid_json_and_bad_answers_name_the_line(tmp_path):

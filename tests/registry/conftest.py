@@ -34,6 +34,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet 
 
 EXPERIMENT = "registry-tests"
 MAX_NEW_TOKENS = 6
+# Request limits the logged model is given: small, so that tests can exceed them cheaply.
+LIMITS = {"max_rows": 4, "max_image_bytes": 100_000}
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +97,7 @@ def logged_model(tracking_uri, tiny_export):
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment.experiment_id, run_name="logged-model") as run:
-        info = log_pyfunc_model(tiny_export, pyfunc_config={"max_new_tokens": MAX_NEW_TOKENS})
+        info = log_pyfunc_model(tiny_export, pyfunc_config={"max_new_tokens": MAX_NEW_TOKENS, **LIMITS})
     return {"model_uri": info.model_uri, "run_id": run.info.run_id, "model_id": info.model_id}
 
 
@@ -142,4 +144,4 @@ def image_base64(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-__all__ = ["CHAMPION", "ChampionWatch", "aliases_of", "image_base64"]
+__all__ = ["CHAMPION", "LIMITS", "ChampionWatch", "aliases_of", "image_base64"]

@@ -145,6 +145,19 @@ def test_register_rejects_a_folder_that_is_not_an_export(capsys, tmp_path, track
         tracking_uri,
     )
     assert code == 2 and "is not a model export" in err
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # some other model's folder
+    code, _, err = _run(
+        capsys,
+        "registry",
+        "register",
+        "--model-dir",
+        str(tmp_path),
+        "--metrics",
+        str(tmp_path / "metrics.json"),
+        "--tracking-uri",
+        tracking_uri,
+    )
+    assert code == 2 and f"{tmp_path / 'config.json'}: model_type 'gpt2' is not a MoE-LLaVA model" in err
 
 
 @pytest.mark.parametrize("argv", [["registry", "--help"], ["chat", "--help"]])

@@ -7,6 +7,7 @@ bound, and the whole group is killed in the fixture's teardown whatever happens.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -22,7 +23,8 @@ import pytest
 
 from moe_llava.registry.gate import GateSettings
 from moe_llava.registry.registry import ModelRegistry
-from tests.registry.conftest import image_base64
+from tests.conftest import png_bomb
+from tests.registry.conftest import LIMITS, image_base64
 
 START_TIMEOUT_S = 240.0
 REQUEST_TIMEOUT_S = 120.0
@@ -135,6 +137,26 @@ def test_rest_invocations_answer_like_the_direct_model(served_champion, answerer
     )
     assert len(records["predictions"]) == 1 and len(records["predictions"][0]["answer"]) <= len(direct[0])
 
-    with pytest.raises(urllib.error.HTTPError) as bad:
-        _post(url, {"dataframe_records": [{"image": "not an image!", "prompt": questions[0]}]})
-    assert bad.value.code == 400
+    # Bad input: HTTP 400 with a message naming the row, and the server keeps serving.
+    bomb = base64.b64encode(png_bomb(8000, 8000)).decode()
+    over_pillow = base64.b64encode(png_bomb(14000, 14000)).decode()  # over Pillow's own limit too
+    good = image_base64(images[0])
+    bad_requests = [
+        ([{"image": "not an image!"}], {}, "row 0: image 'not an image!' is not base64-encoded image data"),
+        ([{"image": str(images[0])}], {}, "is not base64-encoded image data"),  # a file on the server
+        ([{"image": bomb}], {}, "row 0: 8000x8000 = 64000000 pixels exceeds the limit"),
+        ([{"image": over_pillow}], {}, "row 0: decompression bomb guard"),
+        ([{"image": "QUFB" * 50_000}], {}, "row 0: image data of about 150000 bytes exceeds the limit"),
+        ([{"image": good}] * (LIMITS["max_rows"] + 1), {}, "rows in one request exceed the limit"),
+        ([{"image": good}], {"max_new_tokens": 100_000}, "exceeds the model's context"),
+    ]
+    for rows, params, message in bad_requests:
+        payload = {"dataframe_records": [{**row, "prompt": questions[0]} for row in rows], "params": params}
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            _post(url, payload)
+        assert bad.value.code == 400
+        body = json.loads(bad.value.read())
+        assert body["error_code"] == "INVALID_PARAMETER_VALUE" and message in body["message"], body["message"]
+    assert _post(url, {"dataframe_records": [{"image": good, "prompt": questions[0]}]}) == {
+        "predictions": [{"answer": direct[0]}]
+    }

@@ -158,6 +158,16 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["moe.router_aux_loss_coef=-1"], "moe.router_aux_loss_coef"),
         (["trainer.accelerator=quantum"], "trainer.accelerator"),
         (["++stage_overrides.stage1.lr=0.1"], "stage_overrides"),  # the old mechanism is not ignored
+        (["+data.max_lenght=128"], "data.max_lenght"),  # a typo in the data group
+        (["data.max_length=0"], "data.max_length"),
+        (["data.overlength=cut"], "data.overlength"),
+        (["data.max_image_pixels=-1"], "data.max_image_pixels"),
+        (["data.pad_color=[1,2]"], "data.pad_color"),
+        (["data.validation.image_check=everything"], "data.validation.image_check"),
+        (["data.validation.max_rejected_fraction=1.5"], "data.validation.max_rejected_fraction"),
+        (["data.stages.stage2.template=llama9"], "data.stages.stage2.template"),
+        (["+data.stages.stage1.tempalte=phi"], "data.stages.stage1.tempalte"),
+        (["data.eval.image_aspect=stretch"], "data.eval.image_aspect"),
     ],
 )
 def test_invalid_settings_name_the_key(overrides, key):

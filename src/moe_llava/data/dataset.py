@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ class LlavaDataset(Dataset):
     def _entries(self, manifest: Any) -> Iterable[ManifestEntry]:
         if isinstance(manifest, (str, Path)):
             return iter_entries(manifest)
-        return (ManifestEntry(i, 0, record) for i, record in enumerate(manifest))
+        return (ManifestEntry(i, 0, record, in_array=True) for i, record in enumerate(manifest))
 
     def _load(self, manifest: Any, strict: bool, limit: int | None) -> None:
         validator = Validator(image_folder=self.image_folder, image_check="none")
@@ -117,7 +118,7 @@ class LlavaDataset(Dataset):
             if self.generation:
                 record = entry.record = as_llava_record(record)
                 record = _with_dummy_answer(record)
-            check = validator.check_entry(ManifestEntry(entry.index, entry.line, record, entry.error))
+            check = validator.check_entry(replace(entry, record=record))
             if check.id is not None and check.id in seen:
                 check.add("duplicate_id", "id", f"id {check.id!r} already used by an earlier record")
             if check.id is not None:

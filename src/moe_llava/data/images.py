@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -65,7 +65,7 @@ def resolve_image_path(image_folder: str | Path | None, relpath: Any, *, follow_
 def open_image(
     path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, check: str = "full"
 ) -> Image.Image | None:
-    """Open and check one image; raises :class:`ImageIssue` with a validation reason.
+    """Open and check one image file; raises :class:`ImageIssue` with a validation reason.
 
     ``check``: ``full`` decodes the pixels (catches truncated files) and returns the RGB image;
     ``header`` only reads the header (fast, returns None); ``exists`` only checks the file exists.
@@ -78,10 +78,22 @@ def open_image(
         raise ImageIssue("unreadable_image", f"image path is not a regular file: {path}")
     if check == "exists":
         return None
+    return read_image(path, str(path), max_pixels=max_pixels, check=check)
+
+
+def read_image(
+    source: str | Path | BinaryIO,
+    name: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    check: str = "full",
+) -> Image.Image | None:
+    """Decode an image file or in-memory data (``name`` labels it in messages), under the pixel budget;
+    ``check`` as in :func:`open_image` (``full`` or ``header``)."""
     try:
         # (no warnings.catch_warnings here: it is not thread-safe; the pixel budget below is checked
         # from the header, and Pillow itself raises DecompressionBombError far above it)
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageIssue(
@@ -97,11 +109,11 @@ def open_image(
     except ImageIssue:
         raise
     except UnidentifiedImageError:
-        raise ImageIssue("not_an_image", f"not an image file (unknown format): {path}") from None
+        raise ImageIssue("not_an_image", f"not an image file (unknown format): {name}") from None
     except Image.DecompressionBombError as err:
         raise ImageIssue("oversized_image", f"decompression bomb guard: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt data, permissions
-        raise ImageIssue("unreadable_image", f"corrupt or unreadable image {path}: {err}") from None
+        raise ImageIssue("unreadable_image", f"corrupt or unreadable image {name}: {err}") from None
 
 
 def processor_mean_color(image_processor: Any) -> tuple[int, int, int]:

@@ -41,6 +41,13 @@ class ManifestEntry:
     line: int  # 1-based line where the record starts
     record: Any = None
     error: str | None = None
+    in_array: bool = False  # read from a JSON array (located by index) rather than JSON Lines
+
+    @property
+    def location(self) -> str:
+        """Where the record is, for messages: ``line N`` in JSON Lines, ``record #i`` (0-based) in a
+        JSON array, where a line number says little (a one-line file has every record on line 1)."""
+        return f"record #{self.index}" if self.in_array else f"line {self.line}"
 
 
 def manifest_format(path: str | Path) -> str:
@@ -69,11 +76,12 @@ def iter_entries(path: str | Path) -> Iterator[ManifestEntry]:
 def iter_manifest(path: str | Path) -> Iterator[dict]:
     """Stream the records of a manifest; raises :class:`ManifestError` on any unparseable entry."""
     for entry in iter_entries(path):
+        line = "" if entry.in_array else f"line {entry.line}: "  # the record index is in the prefix
         if entry.error is not None:
-            raise ManifestError(f"line {entry.line}: {entry.error}", file=path, record=entry.index)
+            raise ManifestError(f"{line}{entry.error}", file=path, record=entry.index)
         if not isinstance(entry.record, dict):
             raise ManifestError(
-                f"line {entry.line}: a record must be a JSON object, got {type(entry.record).__name__}",
+                f"{line}a record must be a JSON object, got {type(entry.record).__name__}",
                 file=path,
                 record=entry.index,
             )
@@ -177,7 +185,7 @@ def _iter_json_array(path: Path) -> Iterator[ManifestEntry]:
             start_line = line
             line += buf.count("\n", pos, end)
             pos = end
-            yield ManifestEntry(index, start_line, record)
+            yield ManifestEntry(index, start_line, record, in_array=True)
             index += 1
             expect_value = False
             if pos > _CHUNK_CHARS:  # drop consumed text so the window stays bounded

@@ -8,7 +8,8 @@ the outputs are still written (so the quarantine can be inspected) and
 Outputs in ``out_dir``:
 
 * ``manifest.json`` (or ``.jsonl`` if the input was JSON Lines): the valid records, unchanged;
-* ``quarantine.jsonl``: ``{"index", "line", "id", "reasons", "issues", "record"}`` per rejected record;
+* ``quarantine.jsonl``: ``{"index", "line", "location", "id", "reasons", "issues", "record"}`` per
+  rejected record (``location``: ``line N`` in JSON Lines, ``record #i`` in a JSON array);
 * ``counts.json``: totals, per-reason counts, the settings used.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from moe_llava.data.manifest import ManifestWriter, manifest_format
 from moe_llava.data.validation import Validator, iter_checks
-from moe_llava.errors import RejectedFractionError
+from moe_llava.errors import DataError, RejectedFractionError
 
 DEFAULT_MAX_REJECTED_FRACTION = 0.05
 
@@ -65,7 +66,8 @@ def prepare_manifest(
     """Validate ``manifest`` and split it into a cleaned manifest and a quarantine file.
 
     Raises ``RejectedFractionError`` (after writing everything) when more than
-    ``max_rejected_fraction`` of the records are rejected, and when no record survives.
+    ``max_rejected_fraction`` of the records are rejected, and when no record survives; ``DataError``
+    when the manifest has no record at all.
     """
     if not 0.0 <= max_rejected_fraction <= 1.0:
         raise ValueError(f"max_rejected_fraction must be in [0, 1], got {max_rejected_fraction}")
@@ -90,6 +92,7 @@ def prepare_manifest(
                 {
                     "index": check.index,
                     "line": check.line,
+                    "location": check.location,
                     "id": check.id,
                     "reasons": check.reasons,
                     "issues": [issue.to_dict() for issue in check.issues],
@@ -121,7 +124,9 @@ def prepare_manifest(
     counts_path.write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
     if progress:
         print(result.summary(), file=sys.stderr)
-    if total and kept == 0:
+    if total == 0:
+        raise DataError("the manifest has no records (an empty dataset)", file=manifest)
+    if kept == 0:
         raise RejectedFractionError(
             f"all {total} records were rejected; see {quarantine_path}", file=manifest
         )

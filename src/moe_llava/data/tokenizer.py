@@ -86,9 +86,14 @@ def ensure_image_token(tokenizer: Any) -> int:
 
 
 def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
-    """``AutoTokenizer.from_pretrained`` + :func:`ensure_image_token` (local files only here)."""
+    """``AutoTokenizer.from_pretrained`` + :func:`ensure_image_token` (local files only here).
+
+    Code shipped with a tokenizer never runs: ``trust_remote_code`` is False unless a caller passes it
+    (an explicit False, not the library's default None, which asks on an interactive terminal).
+    """
     from transformers import AutoTokenizer
 
+    kwargs.setdefault("trust_remote_code", False)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     ensure_image_token(tokenizer)
     return tokenizer

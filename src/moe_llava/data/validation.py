@@ -82,6 +82,10 @@ class RecordCheck:
     id: str | None
     issues: list[Issue] = field(default_factory=list)
     num_tokens: int | None = None
+    location: str = ""  # for messages: "line N" (JSON Lines) or "record #i" (JSON array)
+
+    def __post_init__(self) -> None:
+        self.location = self.location or (f"line {self.line}" if self.line else f"record #{self.index}")
 
     @property
     def ok(self) -> bool:
@@ -160,21 +164,24 @@ class Validator:
 
     def check_entry(self, entry: ManifestEntry) -> RecordCheck:
         if entry.error is not None:
-            result = RecordCheck(entry.index, entry.line, None)
+            result = RecordCheck(entry.index, entry.line, None, location=entry.location)
             result.add(Reason.MALFORMED_JSON, None, entry.error)
             return result
-        return self.check_record(entry.record, entry.index, entry.line)
+        return self.check_record(entry.record, entry.index, entry.line, location=entry.location)
 
-    def check_record(self, record: Any, index: int = 0, line: int = 0) -> RecordCheck:
-        """All issues of one record (thread-safe; duplicate ids are checked by the manifest pass)."""
+    def check_record(self, record: Any, index: int = 0, line: int = 0, *, location: str = "") -> RecordCheck:
+        """All issues of one record (thread-safe; duplicate ids are checked by the manifest pass).
+
+        ``location`` names the record in messages (default: ``line`` if given, else ``record #index``).
+        """
         if not isinstance(record, dict):
-            result = RecordCheck(index, line, None)
+            result = RecordCheck(index, line, None, location=location)
             result.add(
                 Reason.MALFORMED_RECORD, None, f"a record must be a JSON object, got {type(record).__name__}"
             )
             return result
         rid = record.get("id")
-        result = RecordCheck(index, line, None if rid is None else str(rid))
+        result = RecordCheck(index, line, None if rid is None else str(rid), location=location)
         if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
             result.add(
                 Reason.MALFORMED_RECORD, "id", f"id must be a non-empty string or integer, got {rid!r}"
@@ -389,7 +396,7 @@ class ValidationReport:
             rid = check.id if check.id is not None else f"#{check.index}"
             for issue in check.issues:
                 where_ = f" [{issue.field}]" if issue.field else ""
-                lines.append(f"  {rid} (line {check.line}): {issue.reason}{where_}: {issue.detail}")
+                lines.append(f"  {rid} ({check.location}): {issue.reason}{where_}: {issue.detail}")
         if len(shown) < len(self.invalid):
             lines.append(f"  ... {len(self.invalid) - len(shown)} more invalid record(s) not shown")
         lines.append(

@@ -30,7 +30,7 @@ def metric_name(text: str) -> str:
 
 
 def check_questions(questions: Sequence[Question], path: Path, image_folder: str | Path | None) -> None:
-    """Structure and image files of every question, before generation; errors name file/line/field."""
+    """Structure and image files of every question, before generation; errors name file/record/field."""
     from moe_llava.data.templates import GPT, ROLE_ALIASES
     from moe_llava.data.validation import Validator
 
@@ -40,7 +40,7 @@ def check_questions(questions: Sequence[Question], path: Path, image_folder: str
         record = q.record
         if ROLE_ALIASES.get(record["conversations"][-1]["from"]) != GPT:  # a generation prompt
             record = {**record, "conversations": [*record["conversations"], {"from": "gpt", "value": "-"}]}
-        check = validator.check_record(record, line=q.line)
+        check = validator.check_record(record, location=q.location)
         if not check.ok:
             bad.append((q, check.issues[0]))
     if bad:
@@ -49,7 +49,7 @@ def check_questions(questions: Sequence[Question], path: Path, image_folder: str
         raise EvalFileError(
             f"question_id {q.question_id!r}: {issue.reason}: {issue.detail}{more}",
             file=path,
-            line=q.line,
+            location=q.location,
             field=issue.field,
         )
 

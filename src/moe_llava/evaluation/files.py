@@ -1,4 +1,5 @@
-"""Question and answer files of the benchmarks: reading (strict, errors name file/line/field) and writing.
+"""Question and answer files of the benchmarks: reading (strict: errors name the file, the line in
+JSON Lines or the record index in a JSON array, and the field) and writing.
 
 Question files are the public formats: POPE (JSON Lines with ``question_id``, ``image``, ``text``,
 ``label``) and LLaVA-style VQA files (``question_id``, ``image``, ``text``, reference ``answer``),
@@ -33,7 +34,7 @@ class Question:
     """One benchmark question, ready for generation (``record``) and scoring (``label`` / ``answer``)."""
 
     question_id: str
-    line: int
+    location: str  # "line N" (JSON Lines) or "record #i" (JSON array), for messages
     record: dict[str, Any]  # LLaVA generation record: id (= question_id), image, conversations
     text: str  # the question as asked (last human turn), for answer files
     label: str | None = None  # POPE: "yes" / "no"
@@ -44,29 +45,34 @@ class Question:
 @dataclass
 class Answer:
     question_id: str
-    line: int
+    location: str
     text: str
 
 
 def _entries(path: Path) -> Iterable[ManifestEntry]:
     for entry in iter_entries(path):
         if entry.error is not None:
-            raise EvalFileError(entry.error, file=path, line=entry.line)
+            raise EvalFileError(entry.error, file=path, location=entry.location)
         if not isinstance(entry.record, dict):
             raise EvalFileError(
                 f"a record must be a JSON object, got {type(entry.record).__name__}",
                 file=path,
-                line=entry.line,
+                location=entry.location,
             )
         yield entry
 
 
-def _question_id(record: dict, path: Path, line: int, keys: tuple[str, ...] = ("question_id", "id")) -> str:
+def _question_id(
+    record: dict, path: Path, location: str, keys: tuple[str, ...] = ("question_id", "id")
+) -> str:
     key = next((k for k in keys if k in record), keys[0])
     value = record.get(key)
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
         raise EvalFileError(
-            f"{key} must be a non-empty string or integer, got {value!r}", file=path, line=line, field=key
+            f"{key} must be a non-empty string or integer, got {value!r}",
+            file=path,
+            location=location,
+            field=key,
         )
     return str(value)
 
@@ -82,8 +88,8 @@ def _last_turn(conversations: list[dict], role: str) -> str | None:
     return turns[-1]["value"] if turns else None
 
 
-def _check_conversations(value: Any, path: Path, line: int, qid: str) -> list[dict]:
-    where = {"file": path, "line": line}
+def _check_conversations(value: Any, path: Path, location: str, qid: str) -> list[dict]:
+    where = {"file": path, "location": location}
     if not isinstance(value, list) or not value:
         raise EvalFileError(
             f"question_id {qid!r}: conversations must be a non-empty list of turns",
@@ -112,14 +118,14 @@ def _check_conversations(value: Any, path: Path, line: int, qid: str) -> list[di
     return value
 
 
-def parse_pope_label(value: Any, path: Path, line: int, qid: str, field: str = "label") -> str:
+def parse_pope_label(value: Any, path: Path, location: str, qid: str, field: str = "label") -> str:
     """``yes`` / ``no`` from a POPE label (case and a trailing period are ignored)."""
     text = value.strip().rstrip(".").strip().lower() if isinstance(value, str) else None
     if text not in POPE_LABELS:
         raise EvalFileError(
             f"question_id {qid!r}: POPE label must be 'yes' or 'no', got {value!r}",
             file=path,
-            line=line,
+            location=location,
             field=field,
         )
     return text
@@ -142,20 +148,20 @@ def read_questions(
         raise ValueError(f"kind must be 'pope', 'vqa' or None, got {kind!r}")
     path = Path(path)
     questions: list[Question] = []
-    first_line: dict[str, int] = {}
+    first_location: dict[str, str] = {}
     for entry in _entries(path):
         if limit is not None and len(questions) >= limit:
             break
-        record, line = entry.record, entry.line
-        qid = _question_id(record, path, line)
-        if qid in first_line:
+        record, location = entry.record, entry.location
+        qid = _question_id(record, path, location)
+        if qid in first_location:
             raise EvalFileError(
-                f"duplicate question_id {qid!r} (first on line {first_line[qid]})",
+                f"duplicate question_id {qid!r} (first on {first_location[qid]})",
                 file=path,
-                line=line,
+                location=location,
                 field="question_id",
             )
-        first_line[qid] = line
+        first_location[qid] = location
         image = record.get("image")
         if image is not None and not (
             isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))
@@ -163,12 +169,12 @@ def read_questions(
             raise EvalFileError(
                 f"question_id {qid!r}: image must be a path (string) or a list of paths, got {image!r}",
                 file=path,
-                line=line,
+                location=location,
                 field="image",
             )
         gpt_answer = None
         if "conversations" in record:
-            conversations = _check_conversations(record["conversations"], path, line, qid)
+            conversations = _check_conversations(record["conversations"], path, location, qid)
             prompt = {"id": qid, "conversations": conversations}
             if image is not None:
                 prompt["image"] = image
@@ -182,7 +188,7 @@ def read_questions(
                 raise EvalFileError(
                     f"question_id {qid!r}: a record without conversations needs a non-empty 'text'",
                     file=path,
-                    line=line,
+                    location=location,
                     field="text",
                 )
             text = _with_suffix(text, prompt_suffix)
@@ -190,25 +196,25 @@ def read_questions(
                 raise EvalFileError(
                     f"question_id {qid!r}: a record without conversations takes one image",
                     file=path,
-                    line=line,
+                    location=location,
                     field="image",
                 )
             prompt = question_record(qid, image, text)
-        question = Question(qid, line, prompt, text)
+        question = Question(qid, location, prompt, text)
         category = record.get("category")
         question.category = None if category is None else str(category)
         if kind == "pope":
             if "label" in record:
-                question.label = parse_pope_label(record["label"], path, line, qid)
+                question.label = parse_pope_label(record["label"], path, location, qid)
             elif "answer" in record:
-                question.label = parse_pope_label(record["answer"], path, line, qid, "answer")
+                question.label = parse_pope_label(record["answer"], path, location, qid, "answer")
             elif gpt_answer is not None:
-                question.label = parse_pope_label(gpt_answer, path, line, qid, "conversations")
+                question.label = parse_pope_label(gpt_answer, path, location, qid, "conversations")
             else:
                 raise EvalFileError(
                     f"question_id {qid!r}: no 'label' (yes/no) to score against",
                     file=path,
-                    line=line,
+                    location=location,
                     field="label",
                 )
         elif kind == "vqa":
@@ -219,7 +225,7 @@ def read_questions(
                 raise EvalFileError(
                     f"question_id {qid!r}: no reference answer (an 'answer' string or a final gpt turn)",
                     file=path,
-                    line=line,
+                    location=location,
                     field="answer",
                 )
             question.answer = reference
@@ -233,27 +239,27 @@ def read_answers(path: str | Path) -> list[Answer]:
     """Answers (``question_id``, ``text``) in file order; a repeated ``question_id`` is an error."""
     path = Path(path)
     answers: list[Answer] = []
-    first_line: dict[str, int] = {}
+    first_location: dict[str, str] = {}
     for entry in _entries(path):
-        record, line = entry.record, entry.line
-        qid = _question_id(record, path, line, keys=("question_id",))
-        if qid in first_line:
+        record, location = entry.record, entry.location
+        qid = _question_id(record, path, location, keys=("question_id",))
+        if qid in first_location:
             raise EvalFileError(
-                f"duplicate answer for question_id {qid!r} (first on line {first_line[qid]})",
+                f"duplicate answer for question_id {qid!r} (first on {first_location[qid]})",
                 file=path,
-                line=line,
+                location=location,
                 field="question_id",
             )
-        first_line[qid] = line
+        first_location[qid] = location
         text = record.get("text")
         if not isinstance(text, str):
             raise EvalFileError(
                 f"question_id {qid!r}: text must be a string, got {text!r}",
                 file=path,
-                line=line,
+                location=location,
                 field="text",
             )
-        answers.append(Answer(qid, line, text))
+        answers.append(Answer(qid, location, text))
     return answers
 
 

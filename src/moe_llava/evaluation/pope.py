@@ -90,7 +90,7 @@ def score_pope(questions: Sequence[Question], answers: Mapping[str, str]) -> dic
     """
     for q in questions:
         if q.label is None:
-            raise ValueError(f"question_id {q.question_id!r} (line {q.line}) has no yes/no label")
+            raise ValueError(f"question_id {q.question_id!r} ({q.location}) has no yes/no label")
     pairing = pair_answers(questions, answers)
     counts = PopeCounts.from_predictions(
         [q.label for q, _ in pairing.pairs], [pope_yes_no(text) for _, text in pairing.pairs]

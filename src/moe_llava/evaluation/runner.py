@@ -112,11 +112,11 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------------- questions -> dataset
 class _LocatedDataset(torch.utils.data.Dataset):
-    """A generation dataset whose run-time failures (an unreadable image) name the question file and line."""
+    """A generation dataset whose run-time failures (an unreadable image) name the question file and record."""
 
     def __init__(self, dataset: Any, questions: Sequence[Question], path: Path):
         self.dataset = dataset
-        self.lines = {q.question_id: q.line for q in questions}
+        self.locations = {q.question_id: q.location for q in questions}
         self.path = path
 
     def __len__(self) -> int:
@@ -131,7 +131,7 @@ class _LocatedDataset(torch.utils.data.Dataset):
             raise EvalFileError(
                 f"question_id {qid!r}: cannot be prepared ({reason}; see the log above)",
                 file=self.path,
-                line=self.lines.get(qid),
+                location=self.locations.get(qid),
             ) from err
 
 

@@ -79,7 +79,7 @@ def score_vqa(questions: Sequence[Question], answers: Mapping[str, str]) -> dict
     """
     for q in questions:
         if q.answer is None:
-            raise ValueError(f"question_id {q.question_id!r} (line {q.line}) has no reference answer")
+            raise ValueError(f"question_id {q.question_id!r} ({q.location}) has no reference answer")
     pairing = pair_answers(questions, answers)
     correct = 0
     categories: dict[str, dict[str, int]] = {}

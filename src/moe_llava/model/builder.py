@@ -5,6 +5,10 @@ A recipe names each tower by hub id or local directory (``name_or_path``) and/or
 ``name_or_path`` through the towers' own ``from_pretrained``; otherwise the towers are built from
 ``config`` (randomly initialised, or on the ``meta`` device for counting parameters without
 downloads).
+
+Checkpoint code never runs: every ``from_pretrained`` passes ``trust_remote_code=False`` (explicitly:
+the library's default, None, asks on an interactive terminal). Weights load the library's way:
+safetensors, or a ``.bin`` through ``torch.load(weights_only=True)``, which unpickles no code.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def tower_config(spec: Mapping, role: str) -> PreTrainedConfig:
         except ValueError as err:
             raise ValueError(f"model.{role}.config.model_type={model_type!r}: {err}") from err
     if spec.get("name_or_path"):
-        return AutoConfig.from_pretrained(spec["name_or_path"])
+        return AutoConfig.from_pretrained(spec["name_or_path"], trust_remote_code=False)
     raise ValueError(f"model.{role} needs name_or_path or config")
 
 
@@ -82,14 +86,16 @@ def build_vision_tower(spec: Mapping, pretrained: bool, dtype=None) -> PreTraine
     vision_config = getattr(config, "vision_config", config)  # full CLIP/SigLIP config -> vision half
     cls = _vision_class(config)
     if pretrained and spec.get("name_or_path"):
-        return cls.from_pretrained(spec["name_or_path"], dtype=dtype)
+        return cls.from_pretrained(spec["name_or_path"], dtype=dtype, trust_remote_code=False)
     return cls._from_config(vision_config, dtype=dtype)
 
 
 def build_language_model(spec: Mapping, pretrained: bool, dtype=None, tokenizer=None) -> PreTrainedModel:
     spec = _as_dict(spec)
     if pretrained and spec.get("name_or_path"):
-        model = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec["name_or_path"], dtype=dtype, trust_remote_code=False
+        )
     else:
         config = tower_config(spec, "language_model")
         if tokenizer is not None:  # a from-scratch LM gets exactly the tokenizer's vocabulary
@@ -142,7 +148,7 @@ def build_image_processor(vision_tower: Mapping, pretrained: bool = True):
     """The vision tower's own ``transformers`` image processor (from the checkpoint, or matching ``config``)."""
     spec = _as_dict(vision_tower)
     if pretrained and spec.get("name_or_path"):
-        return AutoImageProcessor.from_pretrained(spec["name_or_path"])
+        return AutoImageProcessor.from_pretrained(spec["name_or_path"], trust_remote_code=False)
     config = tower_config(spec, "vision_tower")
     config = getattr(config, "vision_config", config)
     size = config.image_size

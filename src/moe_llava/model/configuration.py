@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from moe_llava.constants import MODEL_TYPE
+
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 
 
@@ -29,7 +31,7 @@ class MoELlavaConfig(PreTrainedConfig):
             export), so that evaluation, the MLflow model and ``moe-llava chat`` ask it the same way.
     """
 
-    model_type = "moe_llava"
+    model_type = MODEL_TYPE
     sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),

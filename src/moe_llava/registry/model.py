@@ -27,12 +27,43 @@ from typing import Any
 import yaml
 
 import moe_llava
+from moe_llava.errors import ConfigError
 from moe_llava.registry.io import ANSWER_COLUMN, EXPORT_ARTIFACT, IMAGE_COLUMN, PROMPT_COLUMN
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(moe_llava.__file__).resolve().parent
 MODEL_NAME_IN_RUN = "model"  # the logged model's name within its run
-DEFAULT_PYFUNC_CONFIG = {"max_new_tokens": 32, "batch_size": 8, "device": "auto"}
+DEFAULT_PYFUNC_CONFIG = {
+    "max_new_tokens": 32,  # default of the request parameter
+    "batch_size": 8,
+    "device": "auto",
+    # Request limits: a request over one is refused, naming the row (HTTP 400 when served).
+    "max_rows": 32,
+    "max_image_bytes": 10_000_000,  # encoded size of one image
+    "max_image_pixels": 16_000_000,  # width x height of one image, read from its header
+    "image_folder": None,  # a folder on the server whose images requests may name; None: data only
+}
+_POSITIVE_INTS = ("max_new_tokens", "batch_size", "max_rows", "max_image_bytes", "max_image_pixels")
+
+
+def checked_pyfunc_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``config`` over the defaults, checked: errors name the key (``registry.pyfunc.<key>``)."""
+    config = dict(config or {})
+    unknown = set(config) - set(DEFAULT_PYFUNC_CONFIG)
+    if unknown:
+        raise ConfigError("registry.pyfunc", f"unknown keys {sorted(unknown)}")
+    config = {**DEFAULT_PYFUNC_CONFIG, **config}
+    for key in _POSITIVE_INTS:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"registry.pyfunc.{key}", f"must be an integer >= 1, got {value!r}")
+    if config["image_folder"] is not None and not isinstance(config["image_folder"], str):
+        raise ConfigError(
+            "registry.pyfunc.image_folder", f"must be a path or null, got {config['image_folder']!r}"
+        )
+    return config
+
+
 # Third-party distributions the pyfunc model imports (the moe_llava code travels in code/).
 REQUIREMENTS = (
     "mlflow",
@@ -89,18 +120,24 @@ def pip_requirements() -> list[str]:
 
 
 def resolve_export_dir(model_dir: str | Path) -> Path:
-    """A stage export from: an export folder, a stage folder holding ``export/``, or a logged pyfunc model."""
+    """A stage export from: an export folder, a stage folder holding ``export/``, or a logged pyfunc
+    model; its ``config.json`` must be a MoE-LLaVA config (another model's folder is refused)."""
+    from moe_llava.model.checkpoint import check_export_config
+
     path = Path(model_dir)
     if (path / "config.json").is_file():
-        return path
-    if (path / "export" / "config.json").is_file():
-        return path / "export"
-    if (path / "MLmodel").is_file():
-        return export_in_logged_model(path)
-    raise ValueError(
-        f"{path} is not a model export (no config.json), a stage folder (no export/) "
-        f"or an MLflow model (no MLmodel)"
-    )
+        export = path
+    elif (path / "export" / "config.json").is_file():
+        export = path / "export"
+    elif (path / "MLmodel").is_file():
+        export = export_in_logged_model(path)
+    else:
+        raise ValueError(
+            f"{path} is not a model export (no config.json), a stage folder (no export/) "
+            f"or an MLflow model (no MLmodel)"
+        )
+    check_export_config(export)
+    return export
 
 
 def export_in_logged_model(model_path: str | Path) -> Path:
@@ -130,10 +167,7 @@ def log_pyfunc_model(
     import mlflow
 
     export_dir = resolve_export_dir(export_dir)
-    config = {**DEFAULT_PYFUNC_CONFIG, **dict(pyfunc_config or {})}
-    unknown = set(config) - set(DEFAULT_PYFUNC_CONFIG)
-    if unknown:
-        raise ValueError(f"registry.pyfunc: unknown keys {sorted(unknown)}")
+    config = checked_pyfunc_config(pyfunc_config)
     with tempfile.TemporaryDirectory(prefix="moe-llava-model-") as staging:
         # Stage under the name `export`, so the logged model reads artifacts/export whatever the
         # source folder is called; only the files the export needs (no stray caches).
@@ -188,4 +222,8 @@ def local_export(model: str, *, tracking_uri: str | None = None) -> Iterator[Pat
             path = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=folder)
         except MlflowException as err:
             raise ValueError(f"cannot load {model} from {uri}: {err.message}") from None
-        yield resolve_export_dir(path)
+        try:
+            export = resolve_export_dir(path)
+        except ValueError as err:  # the message names the download folder: lead with the URI
+            raise ValueError(f"{model} is not a MoE-LLaVA model: {err}") from None
+        yield export

@@ -75,7 +75,7 @@ def load_model_and_processors(
         from transformers import AutoImageProcessor
 
         tokenizer = load_tokenizer(init_dir)
-        image_processor = AutoImageProcessor.from_pretrained(str(init_dir))
+        image_processor = AutoImageProcessor.from_pretrained(str(init_dir), trust_remote_code=False)
     model, origin = load_stage_model(
         stage_cfg.name,
         init_dir,

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from moe_llava.model import MoELlavaForCausalLM
+from moe_llava.model.checkpoint import load_export_model
 from moe_llava.model.upcycle import find_decoder_layers, find_ffn_name
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -85,7 +86,7 @@ def load_stage_model(
     if init_dir is None:
         model, origin = build_from_recipe(), "built from the model recipe"
     else:
-        model, origin = MoELlavaForCausalLM.from_pretrained(str(init_dir)), f"loaded from {init_dir}"
+        model, origin = load_export_model(init_dir), f"loaded from {init_dir}"
     if upcycle:
         if model.is_moe:
             origin += " (already MoE: continuing MoE-tuning, no upcycling)"

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moe_llava.data.images import ASPECT_MODES
+from moe_llava.data.templates import TEMPLATES
+from moe_llava.data.validation import IMAGE_CHECKS, OVERLENGTH_POLICIES
 from moe_llava.errors import ConfigError
 from moe_llava.model.builder import VISION_TOWER_CLASSES
 from moe_llava.model.moe import EXPERT_PATHS
@@ -37,13 +40,14 @@ RULES = {  # field metadata -> (test, wording)
     "gt": (lambda value, bound: value > bound, "> {}"),
     "ge": (lambda value, bound: value >= bound, ">= {}"),
     "lt": (lambda value, bound: value < bound, "< {}"),
+    "le": (lambda value, bound: value <= bound, "<= {}"),
     "one_of": (lambda value, choices: value in choices, "one of {}"),
 }
 
 
-def rule(**checks: Any):
+def rule(default: Any = MISSING, **checks: Any):
     """A schema field whose value (when not null) must pass ``checks``: gt=0, ge=0, lt=1, one_of=(...)."""
-    return field(metadata=checks)
+    return field(default=default, metadata=checks)
 
 
 class Schema:
@@ -134,6 +138,69 @@ class MoEConfig(Schema):
             _check(ok, "moe.layers", f"expected a mode or a non-empty list of integers, got {layers!r}")
 
 
+@dataclass
+class DataValidationConfig(Schema):
+    """``data.validation``: how data preparation checks records."""
+
+    section = "data.validation"
+    image_check: str = rule("full", one_of=IMAGE_CHECKS)
+    max_rejected_fraction: float = rule(0.05, ge=0, le=1)
+    workers: int = rule(1, ge=1)
+
+
+@dataclass
+class DataStageConfig:
+    """``data.stages.<stage>``: a stage's manifests and prompt format (values checked by DataConfig)."""
+
+    template: str
+    image_aspect: str = "pad"
+    train: str | None = None
+    val: str | None = None
+
+
+@dataclass
+class DataConfig(Schema):
+    """Schema of ``conf/data/*.yaml``: an unknown key (a typo) or an impossible value names its key."""
+
+    section = "data"
+    name: str
+    root: str
+    stages: dict[str, DataStageConfig]
+    image_folder: str | None = None
+    tokenizer: str | None = None
+    max_length: int | None = rule(None, gt=0)
+    overlength: str = rule("reject", one_of=OVERLENGTH_POLICIES)
+    pad_color: list[int] | None = None
+    max_image_pixels: int = rule(40_000_000, gt=0)
+    num_workers: int = rule(0, ge=0)
+    validation: DataValidationConfig = field(default_factory=DataValidationConfig)
+    eval: Any = None  # benchmark files: checked by the evaluation before the model loads
+    generator: Any = None  # ShapesWorld generator settings (its own dataclass checks them)
+
+    def check(self) -> None:
+        prompts = [(f"data.stages.{name}", vars(stage)) for name, stage in self.stages.items()]
+        if isinstance(self.eval, Mapping):
+            prompts.append(("data.eval", self.eval))
+        for key, node in prompts:
+            template, aspect = node.get("template"), node.get("image_aspect")
+            _check(
+                template is None or template in TEMPLATES,
+                f"{key}.template",
+                f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}",
+            )
+            _check(
+                aspect is None or aspect in ASPECT_MODES,
+                f"{key}.image_aspect",
+                f"must be one of {ASPECT_MODES}, got {aspect!r}",
+            )
+        color = self.pad_color
+        _check(
+            color is None or (len(color) == 3 and all(0 <= c <= 255 for c in color)),
+            "data.pad_color",
+            f"must be null or three 0-255 integers, got {color!r}",
+        )
+
+
 def structured(schema: type, node: Any, key: str):
     """``node`` as an instance of the dataclass ``schema``; errors name ``<key>.<field>``."""
     try:
@@ -185,6 +252,8 @@ def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool
     if world is not None:
         accumulation_steps(cfg.stage, world)
     structured(MoEConfig, cfg.moe, "moe")
+    # resolved first: the data group's interpolations (${data.root}/...) refer to the root config
+    structured(DataConfig, OmegaConf.to_container(cfg.data, resolve=True), "data")
     _validate_model(cfg.model)
     _validate_trainer(cfg.trainer)
     _check(
