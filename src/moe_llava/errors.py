@@ -8,12 +8,17 @@ one clear line (exit 2) instead of a traceback:
   :class:`RejectedFractionError`, :class:`EvalFileError`): a problem with input data; messages name
   the file, the record (id or index) or line, and the field when they are known.
 
+:class:`WriteFailed` (an ``OSError``): writing an output (a checkpoint, an export) failed part-way,
+disk full or an I/O error; the message names the path and the cause, and the previous output there
+is unchanged (:mod:`moe_llava.atomic`).
+
 :class:`Terminated` is what a tracked run (:mod:`moe_llava.tracking`) raises on SIGTERM, so the run
 is ended ``KILLED`` like on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -77,6 +82,28 @@ class EvalFileError(DataError):
         self.file, self.record, self.field, self.detail, self.line = str(file), None, field, message, line
         parts = [str(file), *([f"line {line}"] if line else []), *([f"field {field!r}"] if field else [])]
         ValueError.__init__(self, ": ".join([*parts, message]))
+
+
+# what a user reads for the OS errors of a failed write (any other: "write failed")
+WRITE_FAILURES = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EIO: "I/O error",
+    errno.EFBIG: "file size limit reached",
+    errno.EROFS: "read-only file system",
+}
+
+
+class WriteFailed(OSError):
+    """Writing an output failed part-way (disk full, I/O error); the previous output is unchanged."""
+
+    @classmethod
+    def of(cls, path: str | Path, what: str, cause: OSError) -> WriteFailed:
+        reason = WRITE_FAILURES.get(cause.errno, "write failed")
+        return cls(  # the OS error is its __cause__ (raise ... from)
+            f"{path}: writing the {what} failed: {reason} ({cause.strerror or cause}); "
+            f"the previous {what} at this path, if any, is unchanged"
+        )
 
 
 class Terminated(KeyboardInterrupt):
