@@ -44,11 +44,13 @@ def write_dir(target: str | Path, save: Callable[[Path], None], what: str) -> No
         if target.exists():  # a folder cannot be renamed over another: move the previous aside
             target.rename(old)
         tmp.rename(target)
-    except OSError as err:
+    except BaseException as err:
         if old.is_dir() and not target.exists():
             old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteFailed.of(target, what, err) from err
+        if isinstance(err, OSError):
+            raise WriteFailed.of(target, what, err) from err
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -60,6 +62,8 @@ def write_file(target: str | Path, save: Callable[[Path], None], what: str) -> N
         save(tmp)
         _flush(tmp)
         os.replace(tmp, target)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise WriteFailed.of(target, what, err) from err
+        if isinstance(err, OSError):
+            raise WriteFailed.of(target, what, err) from err
+        raise

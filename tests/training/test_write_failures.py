@@ -45,8 +45,8 @@ def leftovers(folder: Path) -> list[str]:
 
 @contextmanager
 def write_fails(code: int):
-    """The model's save_pretrained writes its weights half-way, then fails with ``code`` as the OS
-    reports it (ENOSPC: the disk filled up; EIO: the device failed)."""
+    """The model's save_pretrained leaves its weights file half-written and fails with ``code`` as
+    the OS reports it (ENOSPC: the disk filled up; EIO: the device failed)."""
     real = MoELlavaForCausalLM.save_pretrained
 
     def save_pretrained(self, folder, **kwargs):
