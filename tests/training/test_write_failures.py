@@ -8,6 +8,7 @@ import hashlib
 import os
 import resource
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
+from moe_llava import train
 from moe_llava.config import resolved
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.errors import WriteFailed
@@ -25,6 +27,7 @@ from moe_llava.tracking import RUN_ID_FILE
 from moe_llava.training import run_stage
 from moe_llava.training.callbacks import AtomicCheckpointIO
 from moe_llava.training.run import COMPLETED, export_stage
+from tests.training.conftest import shrunk_overrides
 
 REASONS = {errno.ENOSPC: "disk full", errno.EIO: "I/O error"}
 
@@ -143,14 +146,24 @@ def test_a_checkpoint_write_refused_part_way_by_the_kernel_keeps_the_previous_ch
 
 
 @pytest.mark.timeout(300)
-def test_a_stage_whose_export_fails_is_not_completed_and_the_next_run_finishes_it(compose_stage, tmp_path):
+def test_a_stage_whose_export_fails_is_not_completed_and_the_next_run_finishes_it(
+    compose_stage, shapesworld, tmp_path, monkeypatch, capsys
+):
     stage_dir = tmp_path / "artifacts" / "stage1"
     run_stage(compose_stage("stage1", "stage.max_steps=1"))
     before = digests(stage_dir / "export")
 
-    with write_fails(errno.ENOSPC), pytest.raises(WriteFailed, match="disk full") as failed:
-        run_stage(compose_stage("stage1", "stage.max_steps=1", "seed=1"))
-    assert str(failed.value).startswith(f"{stage_dir / 'export'}: ")
+    # `python -m moe_llava.train`, in this process (leaving its logging alone): one line naming
+    # the export and the cause.
+    command = ["moe_llava.train", *shrunk_overrides(shapesworld, tmp_path), "stage=stage1"]
+    no_logging_setup = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+    monkeypatch.setattr(sys, "argv", [*command, "stage.max_steps=1", "seed=1", *no_logging_setup])
+    with write_fails(errno.ENOSPC), pytest.raises(SystemExit) as exited:
+        train.main()
+    assert exited.value.code == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"moe-llava train: {stage_dir / 'export'}: writing the stage export failed: ")
+    assert "disk full (No space left on device)" in last_line
     assert digests(stage_dir / "export") == before
     assert not (stage_dir / COMPLETED).exists() and leftovers(stage_dir) == []
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
