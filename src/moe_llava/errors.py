@@ -10,12 +10,17 @@ one clear line (exit 2) instead of a traceback:
 * :class:`CheckpointError`: a model folder or weights file that is not one of this project's
   exports (another architecture, a pickle posing as weights, a corrupt file); it names the file.
 
+:class:`WriteFailed` (an ``OSError``): writing an output (a checkpoint, an export) failed part-way,
+disk full or an I/O error; the message names the path and the cause, and the previous output there
+is unchanged (:mod:`moe_llava.atomic`).
+
 :class:`Terminated` is what a tracked run (:mod:`moe_llava.tracking`) raises on SIGTERM, so the run
 is ended ``KILLED`` like on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -90,6 +95,28 @@ class CheckpointError(ValueError):
         self.file = str(file)
         self.detail = message
         super().__init__(f"{file}: {message}")
+
+
+# what a user reads for the OS errors of a failed write (any other: "write failed")
+WRITE_FAILURES = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EIO: "I/O error",
+    errno.EFBIG: "file size limit reached",
+    errno.EROFS: "read-only file system",
+}
+
+
+class WriteFailed(OSError):
+    """Writing an output failed part-way (disk full, I/O error); the previous output is unchanged."""
+
+    @classmethod
+    def of(cls, path: str | Path, what: str, cause: OSError) -> WriteFailed:
+        reason = WRITE_FAILURES.get(cause.errno, "write failed")
+        return cls(  # the OS error is its __cause__ (raise ... from)
+            f"{path}: writing the {what} failed: {reason} ({cause.strerror or cause}); "
+            f"the previous {what} at this path, if any, is unchanged"
+        )
 
 
 class Terminated(KeyboardInterrupt):

@@ -5,6 +5,8 @@ DVC's ``backbones`` stage runs it on ``params/stage1.yaml`` (``--config-dir para
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,9 +15,14 @@ from moe_llava.paths import CONF_DIR
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from moe_llava.errors import WriteFailed
     from moe_llava.pretrain import run_backbones
 
-    print(run_backbones(cfg))
+    try:
+        print(run_backbones(cfg))
+    except WriteFailed as err:  # disk full, I/O error: the path and the cause, not a traceback
+        print(f"moe-llava pretrain: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ Outputs, under ``backbones.out_dir`` (``<run_dir>/backbones``):
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from moe_llava.atomic import write_dir
 from moe_llava.data.config import tokenizer_from_config
 from moe_llava.model.builder import build_language_model
 from moe_llava.pretrain import language, vision
@@ -64,14 +63,6 @@ def _scalars(trainer: L.Trainer, part: str) -> dict[str, float]:
     return {f"{part}/{k}": float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
-def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-
-
 def pretrain_vision(cfg: DictConfig, out_dir: Path, run: TrackedRun) -> dict[str, Any]:
     settings, root = cfg.backbones.vision, Path(cfg.data.root)
     started = time.perf_counter()
@@ -98,7 +89,7 @@ def pretrain_vision(cfg: DictConfig, out_dir: Path, run: TrackedRun) -> dict[str
         metrics.update(_scalars(trainer, "vision"))
         metrics.update({f"vision/{k}": v for k, v in vision.presence_f1(model, val).items()})
     image_processor = data.transform.image_processor
-    _atomic_save(lambda tmp: vision.save_tower(model, image_processor, tmp), out_dir / "vision")
+    write_dir(out_dir / "vision", lambda tmp: vision.save_tower(model, image_processor, tmp), "vision tower")
     metrics["vision/wall_time_s"] = time.perf_counter() - started
     return metrics
 
@@ -140,7 +131,7 @@ def pretrain_language(cfg: DictConfig, out_dir: Path, run: TrackedRun) -> dict[s
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _atomic_save(save, out_dir / "language")
+    write_dir(out_dir / "language", save, "language model")
     metrics["language/wall_time_s"] = time.perf_counter() - started
     return metrics
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from moe_llava.atomic import write_file
 from moe_llava.model import RouterStats, moe_blocks
 
 
@@ -52,13 +52,16 @@ class RouterStatsLogger(L.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file and renames it: a kill mid-write never leaves a torn file."""
+    """Writes a checkpoint to a temporary file and renames it (:func:`moe_llava.atomic.write_file`):
+    a failed write (disk full, I/O error: :class:`~moe_llava.errors.WriteFailed`) or a kill mid-write
+    never leaves a torn file and keeps the previous checkpoint of that name."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        for stale in path.parent.glob(".*.ckpt.tmp"):  # what a killed write left
+            stale.unlink(missing_ok=True)
+        save = super().save_checkpoint
+        write_file(path, lambda tmp: save(checkpoint, tmp, storage_options), "checkpoint")
 
 
 def log_progress_bar(enabled: bool, refresh_rate: int) -> TQDMProgressBar | None:

@@ -7,7 +7,8 @@ Outputs, under ``<run_dir>/<stage>/``:
   data/          prepared manifests, quarantine files and counts
   metrics.json   final losses, steps, wall time (DVC-trackable)
   logs/          Lightning's CSV log (metrics.csv: the loss curves `dvc plots` draws)
-  COMPLETED      written last; a stage without it was interrupted and resumes on the next run
+  COMPLETED      written last; a stage without it was interrupted (or a write failed) and resumes on
+                 the next run; exports and checkpoints are swapped in whole (moe_llava.atomic)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from moe_llava.atomic import write_dir, write_file
 from moe_llava.config import resolved
 from moe_llava.data.config import stage_config, tokenizer_from_config
 from moe_llava.data.tokenizer import load_tokenizer
@@ -98,14 +100,15 @@ def record_prompt_format(model_config, data_cfg: DictConfig, stage: str) -> None
 
 
 def export_stage(model, tokenizer, image_processor, export_dir: Path) -> None:
-    """save_pretrained everything the next stage needs, atomically (a half-written export never looks done)."""
-    tmp = export_dir.with_name(export_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    shutil.rmtree(export_dir, ignore_errors=True)
-    tmp.rename(export_dir)
+    """save_pretrained everything the next stage needs, atomically: a half-written export never
+    looks done, and a failed write (:class:`~moe_llava.errors.WriteFailed`) keeps the previous one."""
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+
+    write_dir(export_dir, save, "stage export")
 
 
 def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
@@ -253,12 +256,14 @@ def join_interrupted_log(earlier: Path, current: Path) -> None:
     first = min((int(row["step"]) for row in new if row.get("step")), default=None)
     rows = [row for row in old if first is None or int(row["step"]) < first] + new
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    tmp = current.with_name(current.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(current)
+
+    def save(file: Path) -> None:
+        with file.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_file(current, save, "training log")
     earlier.unlink()
 
 
