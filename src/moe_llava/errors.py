@@ -8,6 +8,10 @@ one clear line (exit 2) instead of a traceback:
   :class:`RejectedFractionError`, :class:`EvalFileError`): a problem with input data; messages name
   the file, the record (id or index) or line, and the field when they are known.
 
+:class:`TrackingUnavailable`: the MLflow tracking server did not answer (a ``ValueError`` too: the
+fix is to start it or to point the tracking URI elsewhere); :class:`RegistryBusy`: another process
+holds the registry's lock for longer than the wait allows.
+
 :class:`Terminated` is what a tracked run (:mod:`moe_llava.tracking`) raises on SIGTERM, so the run
 is ended ``KILLED`` like on Ctrl-C.
 """
@@ -77,6 +81,18 @@ class EvalFileError(DataError):
         self.file, self.record, self.field, self.detail, self.line = str(file), None, field, message, line
         parts = [str(file), *([f"line {line}"] if line else []), *([f"field {field!r}"] if field else [])]
         ValueError.__init__(self, ": ".join([*parts, message]))
+
+
+class TrackingUnavailable(ValueError):
+    """The MLflow tracking server at a URI did not answer; the message names the URI and the fix."""
+
+    def __init__(self, uri: str, message: str):
+        super().__init__(f"MLflow tracking server {uri}: {message}")
+        self.uri = uri
+
+
+class RegistryBusy(ValueError):
+    """Another process held the registry's lock for longer than the wait allows; names the lock and its holder."""
 
 
 class Terminated(KeyboardInterrupt):
