@@ -43,6 +43,7 @@ def _race(uri, model_name, logged_model, worker, barrier, results) -> None:
         promoted = [registry.promote("1", f"racer {worker}")["changed"] for _ in range(2)]
         results.put((worker, registered, promoted, None))
     except BaseException as err:  # reported to the test, whatever it is
+        barrier.abort()  # the other racer stops waiting
         results.put((worker, [], [], repr(err)))
 
 

@@ -310,7 +310,9 @@ class ModelRegistry:
                 )
                 break
             except MlflowException as err:
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                # Taken; or just released: MLflow's SQL store, refused the name, looks the holder's
+                # lock up for its message and may find it gone (RESOURCE_DOES_NOT_EXIST).
+                if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
             if time.monotonic() > deadline:
                 tags = self._lock_tags(lock)
