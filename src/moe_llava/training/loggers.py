@@ -39,7 +39,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         tracking_uri: str | None = None,
         run_id: str | None = None,
         retry_every_s: float = 30.0,
-        max_buffered: int = 1_000_000,
+        max_buffered: int = 200_000,
         local_copy: str | None = None,
         **kwargs,
     ):
