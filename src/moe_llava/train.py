@@ -15,13 +15,16 @@ from moe_llava.paths import CONF_DIR
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from moe_llava.errors import ConfigError
+    from moe_llava.errors import ConfigError, TrackingUnavailable
     from moe_llava.training import run_stage
 
     try:
         result = run_stage(cfg)
     except ConfigError as err:  # one readable line, before any work started
         print(f"moe-llava train: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrackingUnavailable as err:  # checked before any work too
+        print(f"moe-llava train: error: {err}", file=sys.stderr)
         sys.exit(2)
     print({k: v for k, v in result.items() if k in ("global_step", "train/loss", "val/loss", "wall_time_s")})
 
