@@ -24,7 +24,9 @@ import pytest
 from flows.local import free_port, healthy, start, stop, wait_until
 from mlflow.tracking import MlflowClient
 
+from moe_llava.cli import main
 from moe_llava.errors import TrackingUnavailable
+from moe_llava.evaluation.runner import run_evaluation
 from moe_llava.tracking import RUN_ID_FILE, TrackedRun
 from moe_llava.training import run_stage
 from tests.project import command_env
@@ -153,7 +155,7 @@ def _mlflow_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[i
 
 @pytest.mark.parametrize("server", ["refusing", "silent"])
 def test_a_tracking_server_down_at_the_start_is_a_clear_error_within_the_timeout(
-    compose_stage, tmp_path, server
+    compose_stage, tmp_path, server, capsys
 ):
     # "silent": the port accepts connections (the kernel's backlog) and never answers, like a hung server.
     with socket.create_server(("127.0.0.1", 0)) as silent:
@@ -163,12 +165,20 @@ def test_a_tracking_server_down_at_the_start_is_a_clear_error_within_the_timeout
         with pytest.raises(TrackingUnavailable) as error:
             run_stage(compose_stage("stage1", f"logger.tracking_uri={uri}", "logger.connect_timeout_s=2"))
         elapsed = time.monotonic() - started
-        with pytest.raises(
-            TrackingUnavailable, match="no answer within 1 s" if server == "silent" else "refused"
-        ):
+        reason = "no answer within 1 s" if server == "silent" else "connection refused"
+        with pytest.raises(TrackingUnavailable, match=reason):  # a run of an evaluation, a registration
             TrackedRun.start(
                 run_name="eval-stage3", experiment_name="x", uri=uri, logger_cfg={"connect_timeout_s": 1}
             )
+        with pytest.raises(TrackingUnavailable, match=reason):  # evaluating a registry model
+            run_evaluation(
+                compose_stage(
+                    "stage3", f"logger.tracking_uri={uri}", "logger.connect_timeout_s=1",
+                    "evaluation.model_dir=models:/moe-llava@champion",
+                )
+            )  # fmt: skip
+        code = main(["registry", "show", "--tracking-uri", uri, "-o", "logger.connect_timeout_s=1"])
+        assert code == 2 and f"MLflow tracking server {uri}: " in capsys.readouterr().err
     message = str(error.value)
     assert message.startswith(f"MLflow tracking server {uri}: ") and "logger.tracking_uri" in message
     assert ("no answer within 2 s" if server == "silent" else "connection refused") in message
