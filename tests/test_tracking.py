@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from moe_llava.errors import Terminated
-from moe_llava.tracking import PARENT_RUN_ENV, PARENT_TAG, TrackedRun, resolve_parent
+from moe_llava.tracking import PARENT_RUN_ENV, PARENT_TAG, TrackedRun, lock_hash, resolve_parent
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,10 @@ def test_an_inert_run_does_nothing(tmp_path):
         run.log_artifacts(tmp_path)
         run.log_dataset(tmp_path, "d", None, "training")
     assert run.status is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_lock_hash_is_the_sha256_of_the_lock_file_or_absent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert lock_hash() == "absent"
+    (tmp_path / "requirements.lock").write_text("torch==2.13.0 \\\n    --hash=sha256:00\n")
+    assert lock_hash() == hashlib.sha256(b"torch==2.13.0 \\\n    --hash=sha256:00\n").hexdigest()

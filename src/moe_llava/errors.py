@@ -14,6 +14,10 @@ one clear line (exit 2) instead of a traceback:
 disk full or an I/O error; the message names the path and the cause, and the previous output there
 is unchanged (:mod:`moe_llava.atomic`).
 
+:class:`TrackingUnavailable`: the MLflow tracking server did not answer (a ``ValueError`` too: the
+fix is to start it or to point the tracking URI elsewhere); :class:`RegistryBusy`: another process
+holds the registry's lock for longer than the wait allows.
+
 :class:`Terminated` is what a tracked run (:mod:`moe_llava.tracking`) raises on SIGTERM, so the run
 is ended ``KILLED`` like on Ctrl-C.
 """
@@ -117,6 +121,18 @@ class WriteFailed(OSError):
             f"{path}: writing the {what} failed: {reason} ({cause.strerror or cause}); "
             f"the previous {what} at this path, if any, is unchanged"
         )
+
+
+class TrackingUnavailable(ValueError):
+    """The MLflow tracking server at a URI did not answer; the message names the URI and the fix."""
+
+    def __init__(self, uri: str, message: str):
+        super().__init__(f"MLflow tracking server {uri}: {message}")
+        self.uri = uri
+
+
+class RegistryBusy(ValueError):
+    """Another process held the registry's lock for longer than the wait allows; names the lock and its holder."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -16,11 +16,20 @@ once: ``FINISHED`` when the block ends, ``KILLED`` on Ctrl-C or SIGTERM, ``FAILE
 error (which propagates). A run is never left ``RUNNING`` by a process that lives to see the end of
 the block; one left by a process that was killed outright is marked ``FAILED`` when its stage runs
 again (or resumed, when the stage resumes from its checkpoint).
+
+A tracking server that does not answer at the start is a :class:`TrackingUnavailable` error within
+``logger.connect_timeout_s`` (:func:`require_server`), never a hang. Once a training stage runs, an
+outage must not stop it: the stage bounds MLflow's HTTP retries (:func:`bound_http_retries`) and its
+run is ``keep_going``: a call MLflow does not take is named in a warning and skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -32,7 +41,9 @@ from typing import Any
 
 import yaml
 
-from moe_llava.errors import Terminated
+from moe_llava.errors import Terminated, TrackingUnavailable
+
+log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "MOE_LLAVA_PARENT_RUN_ID"  # set by the flow for every step it runs
 PARENT_TAG = "mlflow.parentRunId"
@@ -41,6 +52,15 @@ RUN_ID_FILE = "mlflow_run_id"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch call
+LOCK_FILE = "requirements.lock"
+CONNECT_TIMEOUT_S = 10.0
+# logger.http keys -> MLflow's variables. MLflow's defaults retry a dead server for minutes per call
+# (7 retries, backoff factor 2, 120 s timeout): a training step would wait that long for a metric.
+HTTP_LIMITS = {
+    "max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
 
 
 # ---------------------------------------------------------------------------------- where runs go
@@ -51,6 +71,50 @@ def tracking_uri(logger_cfg: Mapping | None = None) -> str:
         return str(uri)
     db = Path(logger_cfg.get("default_sqlite_path") or "mlflow.db").resolve()
     return f"sqlite:///{db}"
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def require_server(uri: str, timeout_s: float | None = None) -> None:
+    """Raise :class:`TrackingUnavailable` unless the tracking server at ``uri`` answers ``/health``
+    within ``timeout_s`` (one try, MLflow's TLS settings); other URIs (SQLite, Databricks) pass."""
+    if not is_server(uri):
+        return
+    import requests
+    from mlflow.environment_variables import MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH
+
+    timeout_s = float(timeout_s or CONNECT_TIMEOUT_S)
+    verify = MLFLOW_TRACKING_SERVER_CERT_PATH.get() or not MLFLOW_TRACKING_INSECURE_TLS.get()
+    fix = "start it, or point logger.tracking_uri / $MLFLOW_TRACKING_URI at a server that runs"
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s, verify=verify)
+    except requests.Timeout:
+        raise TrackingUnavailable(
+            uri, f"no answer within {timeout_s:g} s (logger.connect_timeout_s); {fix}"
+        ) from None
+    except requests.RequestException as err:
+        reason = "connection refused" if "refused" in str(err).lower() else type(err).__name__
+        raise TrackingUnavailable(uri, f"unreachable ({reason}); {fix}") from None
+    if response.status_code >= 500:  # e.g. a proxy in front of a server that is down
+        raise TrackingUnavailable(uri, f"/health answered HTTP {response.status_code}; {fix}")
+
+
+def bound_http_retries(limits: Mapping | None) -> None:
+    """Export ``limits`` (``logger.http``) as MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables, except those
+    already set (the environment wins); child processes (DDP ranks) inherit them."""
+    for key, variable in HTTP_LIMITS.items():
+        if limits and limits.get(key) is not None:
+            os.environ.setdefault(variable, str(int(limits[key])))
+
+
+def short_error(err: BaseException) -> str:
+    """An MLflow client error in a few words: the network's reason when there is one
+    (``[Errno 111] Connection refused``, ``Read timed out``), else its first line, shortened."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\][^'\"()]*|Read timed out|Connect(ion)? timed out", text)
+    return found.group(0).strip() if found else (text.splitlines() or [type(err).__name__])[0][:200]
 
 
 def ensure_experiment(name: str, logger_cfg: Mapping | None = None, client=None) -> str:
@@ -116,6 +180,12 @@ def data_hash(dvc_file: str | Path = "data.dvc") -> str | None:
     return outs[0].get("md5") if outs else None
 
 
+def lock_hash(lock_file: str | Path = LOCK_FILE) -> str:
+    """sha256 of the dependency lock (``requirements.lock``), or ``"absent"`` where there is none."""
+    path = Path(lock_file)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
+
+
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
     """Nested config -> flat ``a.b.c`` params as MLflow accepts them (long values truncated)."""
     flat: dict[str, str] = {}
@@ -138,15 +208,26 @@ class TrackedRun:
     parent run, which its steps' processes nest under) are driven through the client only and leave
     MLflow's global state alone. An inert run (:meth:`inert`: tracking off, or a rank other than 0)
     accepts every call and does nothing.
+
+    ``keep_going`` (a training stage's run): a logging call, or the end, that the tracking store does
+    not take is named in a warning and in :attr:`unsent` instead of raising.
     """
 
     def __init__(
-        self, run_id: str | None = None, *, client=None, resumed: bool = False, fluent: bool = False
+        self,
+        run_id: str | None = None,
+        *,
+        client=None,
+        resumed: bool = False,
+        fluent: bool = False,
+        keep_going: bool = False,
     ):
         self.run_id = run_id
         self.client = client
         self.resumed = resumed
         self.fluent = fluent
+        self.keep_going = keep_going
+        self.unsent: list[str] = []  # what a keep_going run could not send
         self.status: str | None = None  # how it ended
         self._sigterm_installed = False
         self._sigterm_received = False
@@ -171,14 +252,16 @@ class TrackedRun:
         resume_run_id: str | None = None,
         system_metrics: bool = False,
         fluent: bool = True,
+        keep_going: bool = False,
     ) -> TrackedRun:
         """Start a new run (in ``experiment_id``, else ``experiment_name``, created when missing), or
         resume ``resume_run_id``. ``uri``: the tracking URI, default :func:`tracking_uri` of ``logger_cfg``.
-        ``tags`` with a None value are left out."""
+        ``tags`` with a None value are left out. A server that does not answer is an error (:func:`require_server`)."""
         import mlflow
         from mlflow.tracking import MlflowClient
 
         uri = uri or tracking_uri(logger_cfg)
+        require_server(uri, (logger_cfg or {}).get("connect_timeout_s"))
         client = MlflowClient(tracking_uri=uri)
         if fluent:
             mlflow.set_tracking_uri(uri)
@@ -187,7 +270,7 @@ class TrackedRun:
                 mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
             else:
                 client.update_run(resume_run_id, status="RUNNING")
-            return cls(resume_run_id, client=client, resumed=True, fluent=fluent)
+            return cls(resume_run_id, client=client, resumed=True, fluent=fluent, keep_going=keep_going)
         if experiment_id is None:
             if experiment_name is None:
                 raise ValueError("TrackedRun.start: needs experiment_name, experiment_id or resume_run_id")
@@ -205,7 +288,7 @@ class TrackedRun:
             if parent_run_id:
                 run_tags[PARENT_TAG] = parent_run_id
             run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
-        return cls(run.info.run_id, client=client, fluent=fluent)
+        return cls(run.info.run_id, client=client, fluent=fluent, keep_going=keep_going)
 
     @property
     def active(self) -> bool:
@@ -221,8 +304,9 @@ class TrackedRun:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in flatten_params(config).items()]
-        for start in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + BATCH])
+        with self._sending(f"log {len(items)} params"):
+            for start in range(0, len(items), BATCH):
+                self.client.log_batch(self.run_id, params=items[start : start + BATCH])
 
     def log_config(self, resolved_config: Mapping, config_yaml: str) -> None:
         """The config as the artifact ``config.yaml`` and as params."""
@@ -236,8 +320,9 @@ class TrackedRun:
 
         stamp = int(time.time() * 1000)
         items = [Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()]
-        for start in range(0, len(items), 1000):  # MLflow's limit on metrics per batch
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        with self._sending(f"log metrics {', '.join(sorted(metrics))}"):
+            for start in range(0, len(items), 1000):  # MLflow's limit on metrics per batch
+                self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:
@@ -246,15 +331,18 @@ class TrackedRun:
 
         items = [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None]
         if items:
-            self.client.log_batch(self.run_id, tags=items)
+            with self._sending(f"set tags {', '.join(sorted(t.key for t in items))}"):
+                self.client.log_batch(self.run_id, tags=items)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.active:
-            self.client.log_text(self.run_id, text, artifact_file)
+            with self._sending(f"upload {artifact_file}"):
+                self.client.log_text(self.run_id, text, artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         if self.active:
-            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+            with self._sending(f"upload {local_dir}"):
+                self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def log_dataset(self, path: str | Path, name: str, digest: str | None, context: str) -> None:
         """Record a data file as the run's dataset input (the Dataset column of the MLflow UI); fluent runs.
@@ -272,7 +360,25 @@ class TrackedRun:
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
             source = resolve_dataset_source(str(Path(path).resolve()))
         digest = digest.removesuffix(".dir") if digest else None
-        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=context)
+        with self._sending(f"log dataset {name}"):
+            mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=context)
+
+    @contextlib.contextmanager
+    def _sending(self, what: str):
+        """Errors of the tracking store inside the block: raised, or for a keep_going run, warned and recorded."""
+        try:
+            yield
+        except Exception as err:
+            if not self.keep_going:
+                raise
+            self.unsent.append(what)
+            log.warning(
+                "MLflow %s, run %s: could not %s (%s); going on without it",
+                self.client.tracking_uri,
+                self.run_id,
+                what,
+                short_error(err),
+            )
 
     # ---- ending --------------------------------------------------------------------------------
 
@@ -281,14 +387,15 @@ class TrackedRun:
         if not self.active:
             return
         self.status = status
-        if self.fluent:
-            import mlflow
+        with self._sending(f"end the run as {status}, which stays RUNNING there"):
+            if self.fluent:
+                import mlflow
 
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == self.run_id:
-                mlflow.end_run(status=status)
-                return
-        self.client.set_terminated(self.run_id, status=status)
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == self.run_id:
+                    mlflow.end_run(status=status)
+                    return
+            self.client.set_terminated(self.run_id, status=status)
 
     def __enter__(self) -> TrackedRun:
         self._install_sigterm()
@@ -343,19 +450,27 @@ def start_stage_run(
     ``resume``: log into the run of the interrupted attempt (tag ``resumed``); otherwise a run that
     attempt left RUNNING (a killed process) is marked FAILED and a new run starts, nested under
     ``parent_run_id`` or ``$MOE_LLAVA_PARENT_RUN_ID``. Ranks other than 0 get an inert run.
+    The run is ``keep_going``: once started, a tracking outage does not stop the stage.
     """
     if not is_global_zero:
         return TrackedRun.inert(resumed=resume)
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(logger_cfg)
+    require_server(uri, logger_cfg.get("connect_timeout_s"))
     client = MlflowClient(tracking_uri=uri)
     id_file = stage_dir / RUN_ID_FILE
     previous = id_file.read_text().strip() if id_file.is_file() else None
     previous_run = get_run(client, previous)
     system_metrics = bool(logger_cfg.get("log_system_metrics", True))
     if resume and previous_run is not None:
-        run = TrackedRun.start(uri=uri, resume_run_id=previous, system_metrics=system_metrics)
+        run = TrackedRun.start(
+            logger_cfg=logger_cfg,
+            uri=uri,
+            resume_run_id=previous,
+            system_metrics=system_metrics,
+            keep_going=True,
+        )
         run.set_tags({"resumed": "true"})
         return run
     if previous_run is not None and previous_run.info.status == "RUNNING":
@@ -369,6 +484,7 @@ def start_stage_run(
         tags=tags,
         parent_run_id=resolve_parent(parent_run_id),
         system_metrics=system_metrics,
+        keep_going=True,
     )
     stage_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.run_id)

@@ -15,7 +15,7 @@ from moe_llava.paths import CONF_DIR
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from moe_llava.errors import ConfigError, WriteFailed
+    from moe_llava.errors import ConfigError, TrackingUnavailable, WriteFailed
     from moe_llava.training import run_stage
 
     try:
@@ -26,6 +26,9 @@ def main(cfg: DictConfig) -> None:
     except WriteFailed as err:  # disk full, I/O error: the path and the cause, not a traceback
         print(f"moe-llava train: {err}", file=sys.stderr)
         sys.exit(1)
+    except TrackingUnavailable as err:  # checked before any work too
+        print(f"moe-llava train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     print({k: v for k, v in result.items() if k in ("global_step", "train/loss", "val/loss", "wall_time_s")})
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -77,11 +79,14 @@ def test_register_promote_rollback_show_from_the_command_line(
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     mv = client.get_model_version(model_name, "1")
     assert len(mv.tags["git_commit"]) == 40 and mv.tags["data_hash"]
+    lock = hashlib.sha256(Path("requirements.lock").read_bytes()).hexdigest()  # the repository's lock
+    assert mv.tags["lock_hash"] == lock
     assert mv.tags["config"] == config.read_text()
     assert json.loads(mv.tags["metrics"])["pope/random/f1"] == 0.74
     run = client.get_run(mv.run_id)
     assert run.info.run_name == "register" and run.info.status == "FINISHED"
     assert run.data.metrics["pope/mean_f1"] == 0.71 and run.data.tags["registered_version"] == "1"
+    assert run.data.tags["lock_hash"] == lock and run.data.tags["git_commit"] == mv.tags["git_commit"]
     assert mlflow.get_experiment(run.info.experiment_id).name == "registry-cli"
     assert mlflow.get_experiment(run.info.experiment_id).artifact_location.startswith(
         (tmp_path / "").as_uri()

@@ -1,8 +1,10 @@
-"""`mlflow models serve -m models:/NAME@champion --env-manager local` answers REST requests on loopback.
+"""`mlflow models serve -m models:/NAME@champion --env-manager local` answers REST requests on loopback,
+alone and under concurrent load.
 
-The server runs as a subprocess in its own process group (MLflow starts uvicorn under it), with
-``MLFLOW_TRACKING_URI`` pointing at the temp SQLite store; start-up is polled on ``/ping`` with a
-bound, and the whole group is killed in the fixture's teardown whatever happens.
+The server (one per module: it takes seconds to start) runs as a subprocess in its own process
+group (MLflow starts uvicorn under it), with ``MLFLOW_TRACKING_URI`` pointing at the temp SQLite
+store; start-up is polled on ``/ping`` with a bound, and the whole group is killed in the fixture's
+teardown whatever happens.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,8 +61,10 @@ def _post(url: str, payload: dict) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture
-def served_champion(tracking_uri, logged_model, model_name, tmp_path):
+@pytest.fixture(scope="module")
+def served_champion(tracking_uri, logged_model, tmp_path_factory):
+    model_name = "t-served-champion"
+    tmp_path = tmp_path_factory.mktemp("serve")
     registry = ModelRegistry(model_name, GateSettings(), tracking_uri=tracking_uri)
     registry.register(logged_model["model_uri"], {"pope/mean_f1": 0.5}, run_id=logged_model["run_id"])
     port = _free_port()
@@ -160,3 +166,69 @@ def test_rest_invocations_answer_like_the_direct_model(served_champion, answerer
     assert _post(url, {"dataframe_records": [{"image": good, "prompt": questions[0]}]}) == {
         "predictions": [{"answer": direct[0]}]
     }
+
+
+LOAD_CLIENTS = 8
+LOAD_S = 8.0
+BAD_EVERY = 8  # one request in 8 is malformed: the errors must stay clear under load too
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rest_under_concurrent_load_every_response_is_an_answer_or_a_clear_error(
+    served_champion, answerer, images
+):
+    """LOAD_CLIENTS clients post back to back for LOAD_S seconds; prints throughput and latency."""
+    url = served_champion["url"] + "/invocations"
+    question = "What shape is in the image?"
+    expected = answerer.answer([(image, question) for image in images])
+    good = [
+        {"dataframe_split": {"columns": ["image", "prompt"], "data": [[image_base64(image), question]]}}
+        for image in images
+    ]
+    bad = {"dataframe_records": [{"image": "not an image!", "prompt": question}]}
+    deadline = time.monotonic() + LOAD_S
+
+    def client(index: int) -> list[tuple[int | None, int, bytes, float]]:
+        """(image index or None for a bad request, status, body, seconds) per request."""
+        done = []
+        while time.monotonic() < deadline:
+            n = len(done)
+            which = None if n % BAD_EVERY == BAD_EVERY - 1 else (index + n) % len(images)
+            request = urllib.request.Request(
+                url,
+                data=json.dumps(bad if which is None else good[which]).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+                    status, body = response.status, response.read()
+            except urllib.error.HTTPError as err:  # a 4xx/5xx answer; a dropped connection fails the test
+                status, body = err.code, err.read()
+            done.append((which, status, body, time.perf_counter() - started))
+        return done
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+        results = [r for rs in pool.map(client, range(LOAD_CLIENTS)) for r in rs]
+    elapsed = time.monotonic() - started
+
+    for which, status, body, _ in results:
+        if which is None:
+            error = json.loads(body)
+            assert status == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE" and error["message"], (
+                body[:300]
+            )
+        else:
+            assert status == 200, f"HTTP {status}: {body[:300]!r}"
+            assert json.loads(body) == {"predictions": [{"answer": expected[which]}]}
+    latencies = sorted(seconds for which, _, _, seconds in results if which is not None)
+    assert len(latencies) >= LOAD_CLIENTS and len(results) > len(latencies)
+    percentiles = statistics.quantiles(latencies, n=100, method="inclusive")
+    print(
+        f"REST load: {LOAD_CLIENTS} clients, {elapsed:.1f} s: {len(results)} requests "
+        f"({len(results) - len(latencies)} malformed, all 400), {len(results) / elapsed:.1f} requests/s; "
+        f"answers p50 {percentiles[49] * 1000:.0f} ms, p99 {percentiles[98] * 1000:.0f} ms"
+    )

@@ -80,9 +80,10 @@ def test_router_loss_coefficients_have_one_source(experiment):
 
 def test_trainer_callbacks_and_loggers_are_instantiated_from_config(tiny_vlm, tmp_path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+    from lightning.pytorch.loggers import CSVLogger
 
     from moe_llava.training.callbacks import RouterStatsLogger
+    from moe_llava.training.loggers import BufferedMLFlowLogger
     from moe_llava.training.run import build_trainer, stage_paths
 
     cfg = compose_config(
@@ -104,8 +105,9 @@ def test_trainer_callbacks_and_loggers_are_instantiated_from_config(tiny_vlm, tm
     assert checkpoint.dirpath == str(tmp_path / "stage3" / "checkpoints")
     assert checkpoint._every_n_train_steps == 50  # the tiny_cpu preset's stage.checkpoint_every_n_steps
     assert next(c for c in trainer.callbacks if isinstance(c, RouterStatsLogger)).every_n_steps == 3
-    assert [type(lg) for lg in trainer.loggers] == [MLFlowLogger, CSVLogger]
+    assert [type(lg) for lg in trainer.loggers] == [BufferedMLFlowLogger, CSVLogger]
     assert trainer.loggers[1].log_dir == str(tmp_path / "stage3" / "logs")
+    assert trainer.loggers[0].local_copy == str(tmp_path / "stage3" / "logs" / "metrics.csv")
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp", "deepspeed_stage_2"])

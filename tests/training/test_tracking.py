@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from moe_llava.tracking import RUN_ID_FILE, data_hash
+from moe_llava.tracking import RUN_ID_FILE, data_hash, lock_hash
 from moe_llava.training import run_stage
 from tests.training.conftest import shrunk_overrides
 from tests.training.faults import attempts, trained_sequence
@@ -44,6 +44,7 @@ def test_stage_run_nested_under_pipeline_run_with_params_tags_metrics_and_artifa
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.tags["stage"] == "stage3" and len(run.data.tags["git_commit"]) == 40
+    assert run.data.tags["lock_hash"] == lock_hash() != "absent"
     assert '"num_experts": 4' in run.data.tags["moe"]
     assert run.data.params["stage.lr"] == "0.0005" and run.data.params["moe.capacity_factor"] == "1.5"
     metrics = run.data.metrics

@@ -258,9 +258,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     model URI such as ``models:/moe-llava@champion``); returns the flat metrics."""
     from moe_llava.inference import load_pretrained
     from moe_llava.registry.model import URI_SCHEMES, local_export
-    from moe_llava.tracking import data_hash, git_commit, tracking_uri
+    from moe_llava.tracking import data_hash, git_commit, lock_hash, require_server, tracking_uri
 
     requested = str(cfg.evaluation.get("model_dir") or "")
+    if cfg.evaluation.get("mlflow", True) or requested.startswith(URI_SCHEMES):  # before any work
+        require_server(tracking_uri(cfg.logger), cfg.logger.get("connect_timeout_s"))
     if requested.startswith(URI_SCHEMES):  # models:/NAME@ALIAS, runs:/...: download, then evaluate the folder
         with local_export(requested, tracking_uri=tracking_uri(cfg.logger)) as export:
             cfg = cfg.copy()
@@ -298,6 +300,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             "evaluation": "true",
             "git_commit": git_commit(),
             "data_hash": data_hash(),
+            "lock_hash": lock_hash(),
             "model_dir": str(model_dir.resolve()),
             "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
         }

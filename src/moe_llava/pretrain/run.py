@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from moe_llava.atomic import write_dir
@@ -25,16 +25,29 @@ from moe_llava.data.config import tokenizer_from_config
 from moe_llava.model.builder import build_language_model
 from moe_llava.pretrain import language, vision
 from moe_llava.pretrain.lit import PretrainModule
-from moe_llava.tracking import TrackedRun, data_hash, git_commit, start_stage_run, tracking_uri
+from moe_llava.tracking import (
+    TrackedRun,
+    bound_http_retries,
+    data_hash,
+    git_commit,
+    lock_hash,
+    start_stage_run,
+    tracking_uri,
+)
+from moe_llava.training.loggers import BufferedMLFlowLogger
 
 
 def _trainer(cfg: DictConfig, part: str, settings: DictConfig, out_dir: Path, run: TrackedRun) -> L.Trainer:
     trainer_cfg = cfg.trainer
-    loggers: list = [CSVLogger(save_dir=str(out_dir / "logs"), name="", version=part)]
+    csv = CSVLogger(save_dir=str(out_dir / "logs"), name="", version=part)
+    loggers: list = [csv]
     if run.active:
         loggers.append(
-            MLFlowLogger(
-                experiment_name=cfg.experiment_name, tracking_uri=tracking_uri(cfg.logger), run_id=run.run_id
+            BufferedMLFlowLogger(
+                experiment_name=cfg.experiment_name,
+                tracking_uri=tracking_uri(cfg.logger),
+                run_id=run.run_id,
+                local_copy=str(Path(csv.log_dir) / "metrics.csv"),
             )
         )
     callbacks = []
@@ -149,6 +162,7 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(cfg.backbones.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    bound_http_retries(cfg.logger.get("http"))
     run = start_stage_run(
         stage_dir=out_dir,
         stage="backbones",
@@ -156,7 +170,12 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
         logger_cfg=cfg.logger,
         resume=False,
         parent_run_id=cfg.get("parent_run_id"),
-        tags={"stage": "backbones", "git_commit": git_commit(), "data_hash": data_hash()},
+        tags={
+            "stage": "backbones",
+            "git_commit": git_commit(),
+            "data_hash": data_hash(),
+            "lock_hash": lock_hash(),
+        },
     )
     with run:  # FINISHED, or KILLED / FAILED with the error
         run.log_config(OmegaConf.to_container(cfg.backbones), OmegaConf.to_yaml(cfg.backbones))

@@ -78,8 +78,10 @@ def settings_from_args(args: argparse.Namespace):
 
 def _registry(args: argparse.Namespace):
     from moe_llava.registry.registry import ModelRegistry
+    from moe_llava.tracking import require_server
 
     settings = settings_from_args(args)
+    require_server(settings.resolved_tracking_uri(), settings.logger.get("connect_timeout_s"))
     return ModelRegistry(settings.model_name, settings.gate, tracking_uri=settings.resolved_tracking_uri())
 
 

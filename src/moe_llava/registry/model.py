@@ -213,8 +213,10 @@ def local_export(model: str, *, tracking_uri: str | None = None) -> Iterator[Pat
     from mlflow.exceptions import MlflowException
 
     from moe_llava.registry.settings import load_settings
+    from moe_llava.tracking import require_server
 
     uri = tracking_uri or load_settings().resolved_tracking_uri()
+    require_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with tempfile.TemporaryDirectory(prefix="moe-llava-model-") as folder:

@@ -15,17 +15,27 @@ Rules the code keeps (and the tests assert):
 - the sequence of champions is kept explicitly in the registered model's tag
   ``champion_history`` (JSON list of versions, oldest first): a rollback pops the current
   champion and restores the one before it, so repeated rollbacks go further back; with nothing
-  before it, rollback refuses and changes nothing.
+  before it, rollback refuses and changes nothing;
+- registrations, promotions and rollbacks run one at a time, across processes and machines: each
+  holds the registry's lock (:meth:`ModelRegistry.locked`) from reading the champion to its last
+  tag, so two racing ones never interleave and the gate always judges against the champion that
+  is about to be replaced. Promoting the champion again changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
+import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from moe_llava.errors import RegistryBusy
 from moe_llava.registry.gate import GateDecision, GateSettings, decide, numeric_metrics
 
 CHAMPION = "champion"
@@ -37,6 +47,8 @@ METRIC_TAG_PREFIX = "metric."  # one version tag per numeric metric, e.g. metric
 # Per-layer routing detail (moe/layer<i>/...: hundreds of keys) stays in the `metrics` JSON tag only.
 DETAIL_PREFIXES = ("moe/",)
 MAX_TAG_VALUE = 100_000  # MLflow's limit on a model version tag value
+LOCK_SUFFIX = ".lock"  # the registry's lock: a registered model named <model_name>.lock
+LOCK_WAIT_S = 60.0
 
 
 @dataclass
@@ -65,11 +77,19 @@ def now() -> str:
 class ModelRegistry:
     """One registered model in an MLflow registry (``tracking_uri`` also serves as registry URI)."""
 
-    def __init__(self, model_name: str, gate: GateSettings | None = None, *, tracking_uri: str | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        gate: GateSettings | None = None,
+        *,
+        tracking_uri: str | None = None,
+        lock_wait_s: float = LOCK_WAIT_S,
+    ):
         from mlflow.tracking import MlflowClient
 
         self.model_name = model_name
         self.gate = gate or GateSettings()
+        self.lock_wait_s = lock_wait_s
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     # ---- reading -------------------------------------------------------------------------------
@@ -185,7 +205,11 @@ class ModelRegistry:
         mv = self.client.create_model_version(
             self.model_name, source=model_uri, run_id=run_id, tags=version_tags, model_id=model_id
         )
-        version = str(mv.version)
+        with self.locked():
+            return self._judge(str(mv.version), metrics, apply_gate)
+
+    def _judge(self, version: str, metrics: Mapping[str, Any], apply_gate: bool) -> RegistrationResult:
+        """The gate's decision on a new version against the current champion, and the aliases it moves."""
         champion = self.champion()
         decision = decide(
             self.gate,
@@ -221,15 +245,25 @@ class ModelRegistry:
         """Make ``version`` champion by hand (whatever the gate says)."""
         version = str(version)
         self._version(version)  # exists?
-        previous = self.champion()
-        if previous == version:
-            return {"changed": False, "champion": version, "message": f"v{version} is already the champion"}
-        self._set_champion(version, reason or "promoted by hand", by="promote")
+        with self.locked():
+            previous = self.champion()
+            if previous == version:
+                return {
+                    "changed": False,
+                    "champion": version,
+                    "message": f"v{version} is already the champion",
+                }
+            self._set_champion(version, reason or "promoted by hand", by="promote")
         return {"changed": True, "champion": version, "previous_champion": previous, "reason": reason}
 
     def rollback(self, reason: str | None = None) -> dict[str, Any]:
         """Give ``champion`` back to the previous champion; repeated rollbacks go further back."""
         self._registered_model(required=True)
+        with self.locked():
+            return self._rollback(reason)
+
+    def _rollback(self, reason: str | None) -> dict[str, Any]:
+        """The rollback itself (under the lock)."""
         history = self.champion_history()
         if not history:
             raise ValueError(f"nothing to roll back: registered model {self.model_name!r} has no champion")
@@ -253,7 +287,55 @@ class ModelRegistry:
         self._set_tag(current, "rolled_back_at", stamp)
         return {"changed": True, "champion": target, "previous_champion": current, "reason": reason}
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the registry's lock for the block: the registered model ``<model_name>.lock``.
+
+        Every store, SQLite or server, refuses a second registered model of the same name, so only
+        one process at a time can create it; the others wait (up to ``lock_wait_s``, then
+        :class:`RegistryBusy` names the holder). The block ending, by error or Ctrl-C included,
+        deletes it; only a process killed outright inside the block leaves it, for a person to delete.
+        """
+        from mlflow.exceptions import MlflowException
+
+        lock = self.model_name + LOCK_SUFFIX
+        holder = f"{socket.gethostname()} pid {os.getpid()}"
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                self.client.create_registered_model(
+                    lock,
+                    tags={"holder": holder, "since": now()},
+                    description=f"lock of {self.model_name!r}: a registration or promotion is running",
+                )
+                break
+            except MlflowException as err:
+                # Taken; or just released: MLflow's SQL store, refused the name, looks the holder's
+                # lock up for its message and may find it gone (RESOURCE_DOES_NOT_EXIST).
+                if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+            if time.monotonic() > deadline:
+                tags = self._lock_tags(lock)
+                raise RegistryBusy(
+                    f"registered model {self.model_name!r}: its lock {lock!r} is held by "
+                    f"{tags.get('holder', '?')} since {tags.get('since', '?')} (waited {self.lock_wait_s:g} s); "
+                    f"if that process is gone, delete the registered model {lock!r} and try again"
+                )
+            time.sleep(random.uniform(0.02, 0.1))  # jitter: waiters do not retry in lockstep
+        try:
+            yield
+        finally:
+            self.client.delete_registered_model(lock)
+
     # ---- internals -----------------------------------------------------------------------------
+
+    def _lock_tags(self, lock: str) -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client.get_registered_model(lock).tags or {})
+        except MlflowException:
+            return {}  # released meanwhile
 
     def _set_champion(
         self,

@@ -38,7 +38,7 @@ def register_export(
     """
     import mlflow
 
-    from moe_llava.tracking import TrackedRun, data_hash, git_commit, resolve_parent
+    from moe_llava.tracking import TrackedRun, data_hash, git_commit, lock_hash, resolve_parent
 
     settings = settings or RegistrySettings()
     export_dir = resolve_export_dir(model_dir)
@@ -80,6 +80,7 @@ def register_export(
         tags = {
             "git_commit": run_tags.get("git_commit") or git_commit(),
             "data_hash": run_tags.get("data_hash") or data_hash(),
+            "lock_hash": run_tags.get("lock_hash") or lock_hash(),
             "config": config_text,
             "source_run_id": run_id,
             "source_export": str(export_dir.resolve()),
@@ -89,8 +90,10 @@ def register_export(
         result = registry.register(
             model_info.model_uri, metrics, run_id=run_id, tags=tags, apply_gate=apply_gate
         )
+        provenance = {k: tags[k] for k in ("git_commit", "data_hash", "lock_hash") if tags[k]}
         mlflow.set_tags(
             {
+                **provenance,  # the run says what the version was built from, as the version does
                 "registered_model": settings.model_name,
                 "registered_version": result.version,
                 "gate_decision": "champion" if result.decision.promote else "challenger",

@@ -2,7 +2,7 @@
 
 Modules: ``run`` (one stage, end to end), ``stages`` (what each stage loads and trains),
 ``validation`` (the stage config's checks), ``datamodule``, ``lit_module``, ``callbacks``,
-``strategies`` (DDP, FSDP, DeepSpeed).
+``loggers`` (MLflow through an outage), ``strategies`` (DDP, FSDP, DeepSpeed).
 """
 
 from moe_llava._lazy import lazy_exports

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,10 +32,19 @@ from moe_llava.config import resolved
 from moe_llava.data.config import stage_config, tokenizer_from_config
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.model.builder import build_image_processor
-from moe_llava.tracking import data_hash, git_commit, start_stage_run, tracking_uri
+from moe_llava.tracking import (
+    bound_http_retries,
+    data_hash,
+    git_commit,
+    lock_hash,
+    require_server,
+    start_stage_run,
+    tracking_uri,
+)
 from moe_llava.training.callbacks import AtomicCheckpointIO
 from moe_llava.training.datamodule import LlavaDataModule
 from moe_llava.training.lit_module import MoELlavaLitModule
+from moe_llava.training.loggers import BufferedMLFlowLogger
 from moe_llava.training.stages import (
     configure_trainable,
     load_stage_model,
@@ -44,6 +55,7 @@ from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compa
 from moe_llava.training.validation import accumulation_steps, validate_stage_config
 
 COMPLETED = "COMPLETED"
+log = logging.getLogger(__name__)
 
 
 def stage_paths(cfg: DictConfig) -> dict[str, Path]:
@@ -119,6 +131,9 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
     stage = cfg.stage.name
     paths = stage_paths(cfg)
     started = time.perf_counter()
+    bound_http_retries(cfg.logger.get("http"))
+    if rank_zero_only.rank == 0:  # before any work: a tracking server that is down is an error now
+        require_server(tracking_uri(cfg.logger), cfg.logger.get("connect_timeout_s"))
 
     completed_marker = paths["stage_dir"] / COMPLETED
     last_ckpt = paths["checkpoints"] / "last.ckpt"
@@ -154,6 +169,7 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
             "stage": stage,
             "git_commit": git_commit(),
             "data_hash": data_version,
+            "lock_hash": lock_hash(),
             "model_origin": origin,
             "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
         },
@@ -201,6 +217,15 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
             if cfg.logger.get("log_model_weights", True):
                 run.log_artifacts(paths["export"], "export")
             completed_marker.write_text(run.run_id or "")
+    if run.unsent:
+        log.warning(
+            "stage %s is complete in %s (metrics.json, logs/metrics.csv, export/), but MLflow run %s "
+            "misses what it could not take: %s",
+            stage,
+            paths["stage_dir"],
+            run.run_id,
+            "; ".join(run.unsent),
+        )
     return result
 
 
@@ -228,6 +253,10 @@ def build_trainer(
     loggers = [
         instantiate(node, **at_run_time.get(name, {})) for name, node in cfg.logger.loggers.items() if node
     ]
+    csv = next((lg for lg in loggers if isinstance(lg, CSVLogger)), None)
+    for logger in loggers:  # where the metrics MLflow did not take are kept
+        if isinstance(logger, BufferedMLFlowLogger) and csv is not None:
+            logger.local_copy = str(Path(csv.log_dir) / "metrics.csv")
     trainer = instantiate(
         cfg.trainer,
         strategy=strategy,
