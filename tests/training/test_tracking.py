@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from moe_llava.tracking import RUN_ID_FILE, data_hash, lock_hash
 from moe_llava.training import run_stage
+from moe_llava.training.run import join_interrupted_log
 from tests.training.conftest import shrunk_overrides
 from tests.training.faults import attempts, trained_sequence
 
@@ -188,3 +189,22 @@ def test_killed_stage_not_resumed_is_marked_failed(shapesworld, compose_stage, t
     assert client.get_run(dead_run_id).info.status == "FAILED"
     runs = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
     assert {r.info.status for r in runs} == {"FAILED", "FINISHED"}
+
+
+def test_interrupted_csv_logs_are_joined_keeping_rows_before_the_resume_step(tmp_path):
+    def write(path: Path, rows: list[dict]) -> None:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    earlier, current = tmp_path / "metrics.interrupted.csv", tmp_path / "metrics.csv"
+    write(earlier, [{"step": s, "train/loss": 10 - s} for s in range(5)])  # killed after step 4
+    write(current, [{"step": s, "train/loss": 20 - s, "lr": 0.1} for s in range(3, 6)])  # resumed at 3
+    join_interrupted_log(earlier, current)
+    with current.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"], r["lr"]) for r in rows] == [
+        ("0", "10", ""), ("1", "9", ""), ("2", "8", ""), ("3", "17", "0.1"), ("4", "16", "0.1"), ("5", "15", "0.1")
+    ]  # fmt: skip
+    assert not earlier.exists()

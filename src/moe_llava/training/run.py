@@ -156,6 +156,8 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
     csv_log = paths["stage_dir"] / "logs" / "metrics.csv"
     earlier_log = csv_log.with_name("metrics.interrupted.csv")
     if resume and csv_log.is_file() and rank_zero_only.rank == 0:
+        if earlier_log.is_file():  # killed again before the two were joined: keep every attempt
+            join_interrupted_log(earlier_log, csv_log)
         csv_log.replace(earlier_log)  # Lightning's CSV logger would start the file over
     data_version = data_hash()
     run = start_stage_run(
