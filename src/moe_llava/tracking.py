@@ -462,15 +462,15 @@ def start_stage_run(
     id_file = stage_dir / RUN_ID_FILE
     previous = id_file.read_text().strip() if id_file.is_file() else None
     previous_run = get_run(client, previous)
-    system_metrics = bool(logger_cfg.get("log_system_metrics", True))
+    # the same logging either way: system metrics as configured, training goes on through outages
+    common = {
+        "logger_cfg": logger_cfg,
+        "uri": uri,
+        "system_metrics": bool(logger_cfg.get("log_system_metrics", True)),
+        "keep_going": True,
+    }
     if resume and previous_run is not None:
-        run = TrackedRun.start(
-            logger_cfg=logger_cfg,
-            uri=uri,
-            resume_run_id=previous,
-            system_metrics=system_metrics,
-            keep_going=True,
-        )
+        run = TrackedRun.start(resume_run_id=previous, **common)
         run.set_tags({"resumed": "true"})
         return run
     if previous_run is not None and previous_run.info.status == "RUNNING":
@@ -479,12 +479,9 @@ def start_stage_run(
     run = TrackedRun.start(
         run_name=stage,
         experiment_name=experiment_name,
-        logger_cfg=logger_cfg,
-        uri=uri,
         tags=tags,
         parent_run_id=resolve_parent(parent_run_id),
-        system_metrics=system_metrics,
-        keep_going=True,
+        **common,
     )
     stage_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.run_id)

@@ -138,30 +138,14 @@ def test_register_promote_rollback_show_from_the_command_line(
 
 def test_register_rejects_a_folder_that_is_not_an_export(capsys, tmp_path, tracking_uri):
     (tmp_path / "metrics.json").write_text("{}")
-    code, _, err = _run(
-        capsys,
-        "registry",
-        "register",
-        "--model-dir",
-        str(tmp_path),
-        "--metrics",
-        str(tmp_path / "metrics.json"),
-        "--tracking-uri",
-        tracking_uri,
-    )
+    register = (
+        "registry", "register", "--model-dir", str(tmp_path),
+        "--metrics", str(tmp_path / "metrics.json"), "--tracking-uri", tracking_uri,
+    )  # fmt: skip
+    code, _, err = _run(capsys, *register)
     assert code == 2 and "is not a model export" in err
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # some other model's folder
-    code, _, err = _run(
-        capsys,
-        "registry",
-        "register",
-        "--model-dir",
-        str(tmp_path),
-        "--metrics",
-        str(tmp_path / "metrics.json"),
-        "--tracking-uri",
-        tracking_uri,
-    )
+    code, _, err = _run(capsys, *register)
     assert code == 2 and f"{tmp_path / 'config.json'}: model_type 'gpt2' is not a MoE-LLaVA model" in err
 
 
