@@ -99,7 +99,8 @@ def test_a_server_restart_mid_step_loses_neither_the_step_nor_the_recorded_outco
 
         def task_states() -> dict[str, str]:
             runs = call("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
-            return {t["name"]: t["state"]["type"] for t in runs}
+            # A task run's state can be unset for a moment: Prefect records it from events.
+            return {t["name"]: (t["state"] or {}).get("type") for t in runs}
 
         until(lambda: task_states().get("evaluate") == "RUNNING", "the evaluate step running", 240)
         os.killpg(server.pid, signal.SIGKILL)  # a crash: no shutdown of any kind
@@ -119,7 +120,8 @@ def test_a_server_restart_mid_step_loses_neither_the_step_nor_the_recorded_outco
             every=1,
         )
         assert state["type"] == "COMPLETED", state
-        assert task_states() == {"params": "COMPLETED", "evaluate": "COMPLETED"}
+        done = {"params": "COMPLETED", "evaluate": "COMPLETED"}
+        until(lambda: task_states() == done, f"the task runs recorded as {done}", 60, every=1)
 
         def step_done_logged() -> bool:  # the flow process still sends the lines it could not send
             logs = call("/logs/filter", {"logs": this_run, "sort": "TIMESTAMP_DESC", "limit": 200})
