@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from moe_llava.data.shapesworld.pope import RELATIONS as POPE_GROUPS
 from moe_llava.tracking import TrackedRun, tracking_uri
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -82,7 +83,7 @@ def collect(run_dir: Path, steps: list[dict[str, Any]], decision: dict[str, Any]
         "steps": [{k: s[k] for k in ("name", "seconds", "skipped")} for s in steps],
         "train": {s: {k: v for k, v in m.items() if k in ("train/loss", "val/loss", "global_step")} for s, m in train.items()},
         "eval": {
-            s: {k: v for k, v in m.items() if re.fullmatch(r"pope/(\w+/)?(f1|accuracy|yes_ratio)|pope/mean_f1|vqa/\w+/accuracy", k)}
+            s: {k: v for k, v in m.items() if re.fullmatch(r"pope/(\w+/)?(f1|accuracy|yes_ratio)|pope/mean_f1|pope/yes_ratio/\w+|vqa/\w+/accuracy", k)}
             for s, m in evals.items()
         },
         "backbones": _read(run_dir / "backbones" / "metrics.json"),
@@ -120,6 +121,16 @@ def markdown(report: dict[str, Any], cfg: dict, parent_run_id: str, flow_run_url
             lines.append(
                 f"| {stage} | {splits} | **{_fmt(m.get('pope/mean_f1'))}** | {_fmt(m.get('vqa/test/accuracy'))} |"
             )
+    groups = [(stage, m) for stage, m in report["eval"].items() if m and "pope/yes_ratio/present" in m]
+    if groups:  # which absent objects the model says "yes" to (data.eval.pope_groups)
+        lines += [
+            "",
+            "| POPE answered yes | present | absent, shares a colour | shares a shape | shares both | unrelated |",
+            "|---|---|---|---|---|---|",
+        ]
+        for stage, m in groups:
+            cells = " | ".join(_fmt(m.get(f"pope/yes_ratio/{g}")) for g in POPE_GROUPS)
+            lines.append(f"| {stage} | {cells} |")
     backbones = report.get("backbones") or {}
     if "vision/val/presence_f1" in backbones or "language/val/loss" in backbones:
         lines += [

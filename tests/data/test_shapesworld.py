@@ -23,6 +23,7 @@ from moe_llava.data.shapesworld import (
     all_objects,
     generate_shapesworld,
 )
+from moe_llava.data.shapesworld.pope import SceneRelations, relation_to_scene
 from moe_llava.data.shapesworld.scene import ObjectPrior
 
 from .conftest import TINY_SHAPESWORLD
@@ -136,6 +137,32 @@ def test_text_is_true_to_the_scene(tiny_shapesworld):
         if t["value"].startswith("No")
     )
     assert 0.6 < yes / no < 1.6
+
+
+def test_relation_of_an_asked_object_to_the_scene(tiny_shapesworld, tmp_path):
+    scene = ["red circle", "blue star"]
+    assert relation_to_scene("red circle", scene) == "present"
+    assert relation_to_scene("red star", scene) == "shares_colour_and_shape"
+    assert relation_to_scene("red square", scene) == "shares_colour"
+    assert relation_to_scene("green star", scene) == "shares_shape"
+    assert relation_to_scene("green square", scene) == "unrelated"
+    relations = SceneRelations(str(tiny_shapesworld / "annotations_test.jsonl"))
+    test_ann = annotations(tiny_shapesworld, "test")
+    seen = Counter()
+    for record in read_manifest(tiny_shapesworld / "pope_adversarial.jsonl"):
+        relation = relations(record)
+        assert (relation == "present") == (record["label"] == "yes")
+        assert relation == relation_to_scene(record["object"], test_ann[record["image"]])
+        seen[relation] += 1
+    assert seen["present"] and sum(seen.values()) > seen["present"]
+    with pytest.raises(ValueError, match=r"'pope-x': image 'test/nope\.png' is not in .*annotations_test"):
+        relations({"id": "pope-x", "image": "test/nope.png", "object": "red circle"})
+    with pytest.raises(ValueError, match=r"field 'object' must be '<colour> <shape>', got None"):
+        relations({"id": "pope-y", "image": record["image"]})
+    bad = tmp_path / "scenes.jsonl"
+    bad.write_text('{"image": "a.png", "objects": [{"name": "red circle"}]}\n{"image": "b.png"}\n')
+    with pytest.raises(ValueError, match=r"scenes\.jsonl: line 2: field 'objects'"):
+        SceneRelations(str(bad))
 
 
 @pytest.mark.parametrize("split", POPE_SPLITS)

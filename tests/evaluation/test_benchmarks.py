@@ -33,6 +33,27 @@ def test_pope_split():
     assert PopeBenchmark.summary({}) == {}
 
 
+def test_pope_split_grouped():
+    bench = PopeBenchmark("random", Path("pope_random.jsonl"))
+    bench.groups = lambda record: record["kind"]
+    kinds = {"1": "present", "2": "shares_colour", "3": "shares_colour", "4": "unrelated"}
+    bench.questions = [
+        _question(q, label="yes" if k == "present" else "no", source={"kind": k}) for q, k in kinds.items()
+    ]
+    score = bench.score({"1": "Yes", "2": "Yes", "3": "No", "4": "No, there is not."})
+    assert score["groups"] == {
+        "present": {"yes_ratio": 1.0, "num_questions": 1},
+        "shares_colour": {"yes_ratio": 0.5, "num_questions": 2},
+        "unrelated": {"yes_ratio": 0.0, "num_questions": 1},
+    }
+    metrics = bench.metrics(score)
+    assert metrics["pope/random/yes_ratio/shares_colour"] == 0.5 and metrics["pope/random/yes_ratio"] == 0.5
+    other = {"f1": 1.0, "groups": {"shares_colour": {"yes_ratio": 1.0, "num_questions": 2}}}
+    summary = PopeBenchmark.summary({"random": score, "popular": other})
+    assert summary["pope/yes_ratio/shares_colour"] == 0.75  # pooled over the splits' questions
+    assert summary["pope/yes_ratio/present"] == 1.0 and "pope/mean_f1" in summary
+
+
 def test_vqa_set():
     bench = VqaBenchmark("test set", Path("vqa_test.jsonl"))
     bench.questions = [

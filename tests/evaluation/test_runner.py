@@ -7,8 +7,10 @@ import logging
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from moe_llava.cli import main
+from moe_llava.data.shapesworld.pope import RELATIONS
 from moe_llava.errors import ConfigError
 from moe_llava.evaluation import EvalFileError
 from moe_llava.evaluation.runner import run_evaluation
@@ -81,6 +83,16 @@ def test_eval_command_on_an_moe_export(moe_export, shapesworld, tmp_path, monkey
     assert metrics["pope/mean_f1"] == pytest.approx(sum(metrics[f"pope/{s}/f1"] for s in POPE) / 3)
     assert metrics["eval/num_questions"] == 5 * LIMIT and metrics["eval/num_missing"] == 0
     assert any(k.startswith("vqa/test/") and k.count("/") == 3 for k in metrics)  # per category
+    # answers grouped by how the asked object relates to the scene (data.eval.pope_groups)
+    scores = json.loads((out / "scores.json").read_text())
+    for s in POPE:
+        groups = scores["benchmarks"][f"pope_{s}"]["groups"]
+        assert set(groups) <= set(RELATIONS) and "present" in groups
+        assert sum(g["num_questions"] for g in groups.values()) == LIMIT
+        weighted = sum(g["yes_ratio"] * g["num_questions"] for g in groups.values()) / LIMIT
+        assert metrics[f"pope/{s}/yes_ratio"] == pytest.approx(weighted)
+        assert all(metrics[f"pope/{s}/yes_ratio/{g}"] == groups[g]["yes_ratio"] for g in groups)
+    assert "pope/yes_ratio/present" in metrics
 
     for name in [*(f"pope_{s}" for s in POPE), "vqa_val", "vqa_test"]:
         lines = [json.loads(line) for line in (out / "answers" / f"{name}.jsonl").read_text().splitlines()]
@@ -153,6 +165,10 @@ def test_dense_export_official_pope_format(compose_stage, dense_export, shapeswo
         "evaluation.progress=false",
         "evaluation.prompt_suffix='Answer the question using a single word or phrase.'",
     )
+    # the public format has no `object`: ShapesWorld's grouping of answers says so before the model loads
+    with pytest.raises(EvalFileError, match=r"coco_pope_random\.json: line 1: .*'object'.*pope_groups.*null"):
+        run_evaluation(cfg)
+    OmegaConf.update(cfg, "data.eval.pope_groups", None)
     with caplog.at_level(logging.INFO, logger="moe_llava.evaluation.runner"):
         metrics = run_evaluation(cfg)
     assert "expert-load analysis skipped: dense model" in caplog.text
@@ -172,6 +188,10 @@ def test_bad_inputs_fail_with_clear_errors(compose_stage, dense_export, shapeswo
         run_evaluation(compose_stage("stage3", *base, "evaluation.pope_splits=[nope]"))
     with pytest.raises(ConfigError, match=r"evaluation\.benchmarks: must be a non-empty subset"):
         run_evaluation(compose_stage("stage3", *base, "evaluation.benchmarks=[mmlu]"))
+    with pytest.raises(ConfigError, match=r"data\.eval\.pope_groups: .*nowhere\.jsonl"):
+        run_evaluation(
+            compose_stage("stage3", *base, f"data.eval.pope_groups.scenes={tmp_path}/nowhere.jsonl")
+        )
     with pytest.raises(ConfigError, match=r"evaluation\.model_dir: .* is not a model export"):
         run_evaluation(compose_stage("stage3", f"evaluation.model_dir={tmp_path}/nothing"))
 

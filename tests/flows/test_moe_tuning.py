@@ -113,6 +113,7 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     out = sh(sys.executable, "-m", "flows.local", *SHRUNK, cwd=clone, env=env, timeout=900)
     assert "Completed" in out and "| stage3 |" in out and "**champion**" in out
     assert "| backbones |" in out and "Backbones pretrained here: vision tower object-presence F1" in out
+    assert "| POPE answered yes | present | absent, shares a colour |" in out  # which objects it imagines
 
     client, runs = mlflow_runs(clone)
     parents = [r for r in runs if r.data.tags.get("pipeline") == "moe-tuning"]

@@ -14,13 +14,13 @@ A :class:`Benchmark` is one question file of one kind (a POPE split, a VQA set):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from moe_llava.errors import EvalFileError
 from moe_llava.evaluation.files import Question, read_questions
-from moe_llava.evaluation.pope import mean_f1, score_pope
+from moe_llava.evaluation.pope import mean_f1, score_pope, yes_ratio_by_group
 from moe_llava.evaluation.vqa import score_vqa
 
 
@@ -106,21 +106,58 @@ class Benchmark:
 
 
 class PopeBenchmark(Benchmark):
-    """A POPE split: yes/no answers, accuracy/precision/recall/F1/yes-ratio; the mean F1 over splits."""
+    """A POPE split: yes/no answers, accuracy/precision/recall/F1/yes-ratio; the mean F1 over splits.
+
+    With :attr:`groups` (a ``question record -> group`` callable, ``data.eval.pope_groups``) also the
+    yes-ratio per group (``pope/random/yes_ratio/shares_colour``), per split and over all splits.
+    """
 
     kind = "pope"
     selection_key = "pope_splits"
     KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    groups: Callable[[dict], str] | None = None
+
+    def load(
+        self, *, prompt_suffix: str | None = None, limit: int | None = None, image_folder=None
+    ) -> list[Question]:
+        questions = super().load(prompt_suffix=prompt_suffix, limit=limit, image_folder=image_folder)
+        for q in questions if self.groups is not None else ():  # before the model loads, like the rest
+            try:
+                self.groups(q.source)
+            except ValueError as err:
+                raise EvalFileError(
+                    f"{err} (data.eval.pope_groups cannot group this file; set it to null)",
+                    file=self.path,
+                    location=q.location,
+                ) from None
+        return questions
 
     def score(self, answers: Mapping[str, str]) -> dict[str, Any]:
-        return score_pope(self.questions, answers)
+        score = score_pope(self.questions, answers)
+        if self.groups is not None:
+            score["groups"] = yes_ratio_by_group(self.questions, answers, self.groups)
+        return score
 
     def _own_metrics(self, score: Mapping[str, Any]) -> dict[str, float]:
-        return {k: float(score[k]) for k in self.KEYS}
+        metrics = {k: float(score[k]) for k in self.KEYS}
+        for group, stats in (score.get("groups") or {}).items():
+            metrics[f"yes_ratio/{metric_name(group)}"] = float(stats["yes_ratio"])
+        return metrics
 
     @classmethod
     def summary(cls, scores: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-        return {"pope/mean_f1": mean_f1(scores)} if scores else {}
+        if not scores:
+            return {}
+        metrics = {"pope/mean_f1": mean_f1(scores)}
+        pooled: dict[str, list[float]] = {}
+        for score in scores.values():
+            for group, stats in (score.get("groups") or {}).items():
+                yes_n = pooled.setdefault(group, [0.0, 0.0])
+                yes_n[0] += stats["yes_ratio"] * stats["num_questions"]
+                yes_n[1] += stats["num_questions"]
+        for group, (yes, n) in pooled.items():
+            metrics[f"pope/yes_ratio/{metric_name(group)}"] = yes / n
+        return metrics
 
 
 class VqaBenchmark(Benchmark):

@@ -17,7 +17,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class Question:
     label: str | None = None  # POPE: "yes" / "no"
     answer: str | None = None  # VQA: the reference answer
     category: str | None = None
+    source: dict[str, Any] = field(
+        default_factory=dict
+    )  # the record as the file has it (e.g. POPE's `object`)
 
 
 @dataclass
@@ -200,7 +203,7 @@ def read_questions(
                     field="image",
                 )
             prompt = question_record(qid, image, text)
-        question = Question(qid, location, prompt, text)
+        question = Question(qid, location, prompt, text, source=record)
         category = record.get("category")
         question.category = None if category is None else str(category)
         if kind == "pope":

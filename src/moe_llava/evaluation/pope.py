@@ -14,7 +14,7 @@ All values are fractions in [0, 1] (the paper prints percentages); 0/0 is report
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,20 @@ def score_pope(questions: Sequence[Question], answers: Mapping[str, str]) -> dic
         "fn": counts.fn,
         **pairing.report(),
     }
+
+
+def yes_ratio_by_group(
+    questions: Sequence[Question], answers: Mapping[str, str], group: Callable[[dict], str]
+) -> dict[str, dict[str, float]]:
+    """``{group: {"yes_ratio", "num_questions"}}`` over the answered questions; ``group`` maps a
+    question's record as its file has it to its group (e.g. how the asked object relates to the scene)."""
+    yes: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for q, text in pair_answers(questions, answers).pairs:
+        name = group(q.source)
+        total[name] = total.get(name, 0) + 1
+        yes[name] = yes.get(name, 0) + (pope_yes_no(text) == "yes")
+    return {name: {"yes_ratio": yes[name] / n, "num_questions": n} for name, n in sorted(total.items())}
 
 
 def mean_f1(split_scores: Mapping[str, Mapping[str, Any]]) -> float:

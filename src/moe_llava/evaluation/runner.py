@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe_llava.errors import ConfigError, DataError, EvalFileError
-from moe_llava.evaluation.benchmarks import BENCHMARKS, Benchmark
+from moe_llava.evaluation.benchmarks import BENCHMARKS, Benchmark, PopeBenchmark
 from moe_llava.evaluation.expert_load import ExpertLoadRecorder, expert_load_metrics, plot_expert_load
 from moe_llava.evaluation.files import Question, write_json, write_jsonl
 from moe_llava.tracking import RUN_ID_FILE, TrackedRun
@@ -101,7 +101,27 @@ def plan_benchmarks(cfg: DictConfig) -> list[Benchmark]:
             if not path.is_file():
                 raise ConfigError(f"data.eval.{kind}.{name}", f"question file not found: {path}")
             plan.append(benchmark(name, path))
+    if eval_data.get("pope_groups") and any(isinstance(b, PopeBenchmark) for b in plan):
+        groups = _pope_groups(eval_data.get("pope_groups"))
+        for bench in plan:
+            if isinstance(bench, PopeBenchmark):
+                bench.groups = groups
     return plan
+
+
+def _pope_groups(node: Any):
+    """``data.eval.pope_groups``: a ``question record -> group`` callable built from its ``_target_``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        groups = instantiate(node)
+    except (InstantiationException, ValueError, OSError) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        raise ConfigError("data.eval.pope_groups", str(cause).split("\n")[0]) from None
+    if not callable(groups):
+        raise ConfigError("data.eval.pope_groups", f"must build a callable, got {type(groups).__name__}")
+    return groups
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,6 +20,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moe_llava.constants import IMAGE_TOKEN
 from moe_llava.data.shapesworld.text import SHORT_ANSWER_SUFFIX
@@ -116,3 +117,60 @@ def pope_questions(
                     }
                 )
     return records
+
+
+# How an asked object relates to the objects of the scene: for absent objects, which of its two
+# attributes a present object shares. A model that checks only the colour says "yes" to
+# `shares_colour` negatives; one that binds colour to shape says "no" to them.
+RELATIONS = ("present", "shares_colour", "shares_shape", "shares_colour_and_shape", "unrelated")
+
+
+def relation_to_scene(name: str, present: Iterable[str]) -> str:
+    """One of :data:`RELATIONS` for the object ``name`` ("<colour> <shape>") asked about a scene."""
+    present = set(present)
+    if name in present:
+        return "present"
+    colour, shape = name.split(" ")
+    colour_shared = any(p.split(" ")[0] == colour for p in present)
+    shape_shared = any(p.split(" ")[1] == shape for p in present)
+    if colour_shared and shape_shared:
+        return "shares_colour_and_shape"
+    return "shares_colour" if colour_shared else "shares_shape" if shape_shared else "unrelated"
+
+
+class SceneRelations:
+    """``question record -> relation`` for POPE records (``image``, ``object``) on annotated scenes.
+
+    The evaluation groups POPE answers by it (``data.eval.pope_groups``): the yes-ratio per group
+    shows which absent objects the model hallucinates.
+    """
+
+    def __init__(self, scenes: str):
+        from moe_llava.data.manifest import iter_entries
+
+        self.path = str(scenes)
+        if not Path(scenes).is_file():
+            raise ValueError(f"scene annotations not found: {scenes}")
+        self.objects: dict[str, list[str]] = {}
+        for entry in iter_entries(scenes):
+            record = entry.record
+            if entry.error is not None or not isinstance(record, dict) or "image" not in record:
+                raise ValueError(
+                    f"{scenes}: {entry.location}: {entry.error or 'an annotation needs image and objects'}"
+                )
+            try:
+                self.objects[record["image"]] = [str(o["name"]) for o in record["objects"]]
+            except (KeyError, TypeError):
+                raise ValueError(
+                    f"{scenes}: {entry.location}: field 'objects' must list objects with a 'name'"
+                ) from None
+
+    def __call__(self, record: dict) -> str:
+        image, name = record.get("image"), record.get("object")
+        if image not in self.objects:
+            raise ValueError(f"question {record.get('id')!r}: image {image!r} is not in {self.path}")
+        if not isinstance(name, str) or len(name.split(" ")) != 2:
+            raise ValueError(
+                f"question {record.get('id')!r}: field 'object' must be '<colour> <shape>', got {name!r}"
+            )
+        return relation_to_scene(name, self.objects[image])
