@@ -162,7 +162,7 @@ def finish_parent_run(parent: TrackedRun, report: dict[str, Any], markdown_text:
     metrics = {
         f"{stage}/{key}": float(m[key])
         for stage, m in report["eval"].items()
-        for key in ("pope/mean_f1", "vqa/test/accuracy")
+        for key in ("pope/mean_f1", "vqa/test/accuracy", "pope/yes_ratio/shares_colour")
         if isinstance(m.get(key), (int, float))
     }
     metrics.update({f"time_s/{step['name']}": float(step["seconds"]) for step in report["steps"]})

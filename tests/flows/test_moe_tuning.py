@@ -123,6 +123,7 @@ def test_full_deployment_runs_end_to_end_then_skips_what_is_up_to_date(project):
     assert {"backbones", "stage1", "stage2", "stage3", "register"} <= children
     assert len([c for c in runs if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 7
     assert "stage3/pope/mean_f1" in parent.data.metrics and "prefect.flow_run_id" in parent.data.tags
+    assert 0.0 <= parent.data.metrics["stage3/pope/yes_ratio/shares_colour"] <= 1.0
     champion = client.get_model_version_by_alias("moe-llava", "champion")
     assert str(champion.version) == "1" and parent.data.tags["registry.version"] == "1"
 

@@ -121,7 +121,9 @@ class PopeBenchmark(Benchmark):
         self, *, prompt_suffix: str | None = None, limit: int | None = None, image_folder=None
     ) -> list[Question]:
         questions = super().load(prompt_suffix=prompt_suffix, limit=limit, image_folder=image_folder)
-        for q in questions if self.groups is not None else ():  # before the model loads, like the rest
+        if self.groups is None:
+            return questions
+        for q in questions:  # every question groups, checked before the model loads
             try:
                 self.groups(q.source)
             except ValueError as err:

@@ -40,9 +40,8 @@ class Question:
     label: str | None = None  # POPE: "yes" / "no"
     answer: str | None = None  # VQA: the reference answer
     category: str | None = None
-    source: dict[str, Any] = field(
-        default_factory=dict
-    )  # the record as the file has it (e.g. POPE's `object`)
+    # the record as the file has it (e.g. ShapesWorld POPE's `object`, for data.eval.pope_groups)
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
