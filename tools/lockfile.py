@@ -13,12 +13,16 @@ no CUDA runtime packages. `uv` resolves; it does not read pip's configuration, s
 folders pip is configured with (``find-links``: where the CPU torch wheel lies on these machines)
 are handed to it explicitly.
 
+The lock records the sha256 of the pyproject.toml it was resolved from, so a pyproject.toml edited
+after the lock was made is caught at set-up (``check-pyproject``), not months later.
+
 Needs only the standard library and ``packaging`` (run it with the project's venv python).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shlex
@@ -40,6 +44,7 @@ PYPROJECT = ROOT / "pyproject.toml"
 NOT_LOCKED = ("torch",)
 LOCKED_PYTHON = "3.11"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+DIGEST_LINE = "# resolved from pyproject.toml sha256: "
 
 
 def read_lock(path: Path = LOCK) -> dict[str, str]:
@@ -66,6 +71,35 @@ def declared_requirements(pyproject: Path = PYPROJECT) -> list[Requirement]:
         *data.get("build-system", {}).get("requires", []),
     ]
     return [Requirement(spec) for spec in declared]
+
+
+def pyproject_digest(pyproject: Path = PYPROJECT) -> str:
+    return hashlib.sha256(pyproject.read_bytes()).hexdigest()
+
+
+def recorded_digest(lock_path: Path) -> str | None:
+    """The pyproject.toml digest the lock was resolved from (None: not recorded)."""
+    for line in lock_path.read_text().splitlines():
+        if line.startswith(DIGEST_LINE):
+            return line[len(DIGEST_LINE) :].strip()
+    return None
+
+
+def record_digest(lock_path: Path, pyproject: Path = PYPROJECT) -> None:
+    """Write the digest line under the lock's header comment (uv rewrites the file on every compile)."""
+    lines = [line for line in lock_path.read_text().splitlines() if not line.startswith(DIGEST_LINE)]
+    header = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    lines.insert(header, DIGEST_LINE + pyproject_digest(pyproject))
+    lock_path.write_text("\n".join(lines) + "\n")
+
+
+def digest_problems(lock_path: Path, pyproject: Path = PYPROJECT) -> list[str]:
+    recorded = recorded_digest(lock_path)
+    if recorded == pyproject_digest(pyproject):
+        return []
+    if recorded is None:
+        return [f"{lock_path.name} does not record which pyproject.toml it was resolved from"]
+    return [f"pyproject.toml changed after {lock_path.name} was resolved (its sha256 differs)"]
 
 
 def pyproject_problems(lock: dict[str, str], pyproject: Path = PYPROJECT) -> list[str]:
@@ -148,6 +182,7 @@ def compile_lock(output: Path, torch: str, upgrade: bool) -> None:
             *(["--upgrade"] if upgrade else []),
         ]  # fmt: skip
         subprocess.run(cmd, input="\n".join(extra_inputs) + "\n", text=True, check=True, cwd=ROOT)
+    record_digest(output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines) if lines else "  (no package moved)")
         return 0
     if args.command == "check-pyproject":
-        problems = pyproject_problems(read_lock(args.lock))
+        problems = pyproject_problems(read_lock(args.lock)) + digest_problems(args.lock)
         hint = f"{args.lock.name} no longer matches pyproject.toml; run `make lock` and commit both"
     else:
         problems = installed_problems(read_lock(args.lock))

@@ -38,6 +38,7 @@ def test_every_declared_dependency_is_locked_within_its_range():
     declared = {r.name for r in lockfile.declared_requirements()}
     assert {"transformers", "mlflow", "pytest", "setuptools", "uv"} <= declared
     assert lockfile.pyproject_problems(lockfile.read_lock(LOCK)) == []
+    assert lockfile.digest_problems(LOCK) == []  # resolved from this very pyproject.toml
 
 
 def test_lock_has_hashes_for_every_pin():
@@ -82,6 +83,26 @@ def test_check_pyproject_refuses_a_stale_lock_with_the_fix(tmp_path):
     assert result.returncode == 1
     assert "stale.lock no longer matches pyproject.toml; run `make lock`" in result.stderr
     assert "transformers==4.57.6 is locked" in result.stderr
+
+
+def test_a_lock_older_than_pyproject_is_refused(tmp_path):
+    lock_file, pyproject = _write(tmp_path, "# header\n#    make lock\npytest==8.1\n", ["pytest>=8"])
+    assert lockfile.digest_problems(lock_file, pyproject) == [
+        "requirements.lock does not record which pyproject.toml it was resolved from"
+    ]
+    lockfile.record_digest(lock_file, pyproject)
+    lockfile.record_digest(lock_file, pyproject)  # re-recording replaces the line
+    lines = lock_file.read_text().splitlines()
+    assert (
+        lines[2] == lockfile.DIGEST_LINE + lockfile.pyproject_digest(pyproject) and lines[3] == "pytest==8.1"
+    )
+    assert lockfile.digest_problems(lock_file, pyproject) == [] and lockfile.read_lock(lock_file) == {
+        "pytest": "8.1"
+    }
+    pyproject.write_text(pyproject.read_text() + "[tool.ruff]\nline-length = 100\n")
+    assert lockfile.digest_problems(lock_file, pyproject) == [
+        "pyproject.toml changed after requirements.lock was resolved (its sha256 differs)"
+    ]
 
 
 def test_check_installed_names_each_difference(tmp_path):
