@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -17,16 +16,14 @@ from moe_llava.model import SparseMoeBlock
 D = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    # A file rendezvous (no port to race for) and a 60 s limit: a lost rank is an error, not a hang.
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=__import__("datetime").timedelta(60)
+        "gloo",
+        init_method=f"file://{out_dir}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
     )
     try:
         torch.manual_seed(0)
@@ -52,7 +49,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(180)
 def test_ddp_without_find_unused_parameters_keeps_ranks_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in rank0:
