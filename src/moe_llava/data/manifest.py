@@ -211,11 +211,6 @@ def as_llava_record(record: Any) -> Any:
     return out
 
 
-def manifest_record_count(path: str | Path) -> int:
-    """Number of entries (a full streaming pass; used for progress bars)."""
-    return sum(1 for _ in iter_entries(path))
-
-
 class ManifestWriter:
     """Stream records into a manifest; the format follows the suffix (``.jsonl`` or JSON array).
 

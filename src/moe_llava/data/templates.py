@@ -134,30 +134,27 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-_PREFIX_CACHE: dict[int, tuple[Any, list[int]]] = {}
+_PREFIX_CACHE: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
 
 
 def tokenizer_prefix_ids(tokenizer: Any) -> list[int]:
     """The special ids the tokenizer itself puts in front of a text (e.g. ``[bos]``), possibly none."""
-    key = id(tokenizer)
-    cached = _PREFIX_CACHE.get(key)
-    if cached is None or cached[0]() is not tokenizer:
-        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-        full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-        prefix: list[int] = []
-        for start in range(len(full) - len(plain) + 1):
-            if full[start : start + len(plain)] == plain:
-                prefix = full[:start]
-                break
-        _PREFIX_CACHE[key] = cached = (_weak(tokenizer), prefix)
-    return list(cached[1])
-
-
-def _weak(obj: Any) -> Any:
     try:
-        return weakref.ref(obj)
-    except TypeError:  # not weak-referenceable: never reuse the cache entry
-        return lambda: None
+        cached = _PREFIX_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable (or unhashable): computed each time
+        return _prefix_ids(tokenizer)
+    if cached is None:
+        _PREFIX_CACHE[tokenizer] = cached = _prefix_ids(tokenizer)
+    return list(cached)
+
+
+def _prefix_ids(tokenizer: Any) -> list[int]:
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
 
 
 def image_token_id_of(tokenizer: Any) -> int:

@@ -19,7 +19,6 @@ from-scratch LM, should not be expected to beat it in the same time.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 
 from moe_llava.data.images import ImageTransform, open_image, resolve_image_path
 from moe_llava.evaluation.pope import POPE_SPLITS
@@ -169,10 +169,7 @@ def run_probe(
     steps_per_epoch = max(len(train_ids) // cfg.batch_size, 1)
     total = cfg.epochs * steps_per_epoch
     warmup = max(int(total * cfg.warmup_ratio), 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))),
-    )
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total)
 
     def logits(pixels: torch.Tensor) -> torch.Tensor:
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[cfg.feature_layer]

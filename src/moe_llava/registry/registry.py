@@ -31,7 +31,7 @@ import random
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -218,15 +218,8 @@ class ModelRegistry:
             self.version_metrics(champion) if champion is not None else None,
         )
         if not apply_gate:
-            decision = GateDecision(
-                False,
-                "gate not applied (--no-gate): stays challenger",
-                decision.metric,
-                decision.direction,
-                decision.min_margin,
-                decision.value,
-                decision.champion_version,
-                decision.champion_value,
+            decision = replace(
+                decision, promote=False, reason="gate not applied (--no-gate): stays challenger"
             )
         self._set_tag(version, "gate.decision", "champion" if decision.promote else "challenger")
         self._set_tag(version, "gate.reason", decision.reason)
