@@ -29,6 +29,10 @@ def check_export_config(model_dir: str | Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"not valid JSON ({err})", file=config_file) from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
+    from moe_llava.model.convert.configmap import MODEL_TYPES, convert_hint
+
+    if model_type in MODEL_TYPES:
+        raise CheckpointError(convert_hint(model_dir, model_type), file=config_file)
     if model_type != MODEL_TYPE:
         raise CheckpointError(
             f"model_type {model_type!r} is not a MoE-LLaVA model ({MODEL_TYPE!r})",

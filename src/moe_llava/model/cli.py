@@ -1,4 +1,5 @@
-"""`moe-llava model ...`: inspect model recipes without downloading anything."""
+"""`moe-llava model ...`: inspect model recipes without downloading anything; convert the released
+MoE-LLaVA checkpoints to our exports and back (``moe-llava model convert``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("model", help="inspect model recipes")
+    parser = subparsers.add_parser("model", help="inspect model recipes, convert released checkpoints")
     commands = parser.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     info = commands.add_parser(
         "info", help="parameter counts (total / activated per token) of a recipe, dense and upcycled"
@@ -18,6 +19,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--layers", default="sparse", help="sparse | first_half | second_half | dense | 0,2,5")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=_info)
+    convert = commands.add_parser(
+        "convert",
+        help="a released MoE-LLaVA checkpoint (LanguageBind/MoE-LLaVA-*) -> one of our exports, or back",
+        description="SRC -> DST. Default (--to ours): SRC is a released MoE-LLaVA checkpoint folder "
+        "(model_type moe_llava_phi / moe_llava_stablelm / moe_llava_qwen) and DST becomes an export "
+        "that chat, evaluation, the registry and init_from take. --to reference: SRC is one of our MoE "
+        "exports and DST gets the released layout. Streams tensor by tensor; DST is written atomically.",
+    )
+    convert.add_argument("src", help="source folder")
+    convert.add_argument("dst", help="destination folder (replaced whole)")
+    convert.add_argument(
+        "--to", choices=("ours", "reference"), default="ours", help="direction (default: ours)"
+    )
+    convert.add_argument(
+        "--dtype", default=None, help="bf16 | fp16 | fp32 (default: as stored; routers stay fp32)"
+    )
+    convert.add_argument(
+        "--vision-tower", default=None, metavar="DIR",
+        help="the vision tower's own folder (its hub original): weights, config and image processor from there",
+    )  # fmt: skip
+    convert.add_argument(
+        "--vision-config", default=None, metavar="FILE",
+        help="config.json of the vision tower when mm_image_tower is not a known hub id",
+    )  # fmt: skip
+    convert.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert.set_defaults(func=_convert)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -44,6 +72,39 @@ def _info(args: argparse.Namespace) -> int:
             f"{_fmt(moe.parts[part].activated):>16}"
         )
     print(f"{'all':<16}{_fmt(dense.total):>14}{_fmt(moe.total):>14}{_fmt(moe.activated):>16}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    if args.to == "reference":
+        from moe_llava.model.convert.reference import convert_to_reference
+
+        if args.vision_tower or args.vision_config:
+            raise ValueError("--vision-tower / --vision-config apply to --to ours only")
+        report = convert_to_reference(
+            args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size
+        )
+    else:
+        from moe_llava.model.convert.released import convert_released
+
+        report = convert_released(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            vision_tower=args.vision_tower,
+            vision_config=args.vision_config,
+            max_shard_size=args.max_shard_size,
+        )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    dtypes = ", ".join(f"{n} {d}" for d, n in sorted(report.dtypes.items()))
+    print(
+        f"converted {report.source} ({report.backbone}, {report.source_format}) -> {report.target}: "
+        f"{report.tensors} tensors ({dtypes}), {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s"
+    )
+    for note in report.notes:
+        print(f"  {note}")
     return 0
 
 

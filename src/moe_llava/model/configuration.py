@@ -26,6 +26,9 @@ class MoELlavaConfig(PreTrainedConfig):
         router_aux_loss_coef / router_z_loss_coef: weights of the summed MoE losses in the total loss.
         moe: ``None`` for a dense model; after upcycling, the layout needed to rebuild it:
             ``{"num_experts", "top_k", "layers": [indices], **SparseMoeBlock kwargs}``.
+        drop_first_patch: drop the first patch feature of a tower without a CLS token, as the
+            released MoE-LLaVA SigLIP checkpoints were trained (728 of SigLIP-384's 729 patches);
+            set by ``moe-llava model convert``.
         conversation_template / image_aspect / pad_color: how prompts and images must be prepared
             for this model (the settings of the data it was last trained on; set at each stage's
             export), so that evaluation, the MLflow model and ``moe-llava chat`` ask it the same way.
@@ -49,6 +52,7 @@ class MoELlavaConfig(PreTrainedConfig):
     conversation_template: str = "phi"
     image_aspect: str = "pad"
     pad_color: list[int] | None = None
+    drop_first_patch: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -61,5 +65,7 @@ class MoELlavaConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image: one per patch (the CLS token, where the tower has one, is dropped)."""
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        """Visual tokens per image: one per patch (the CLS token, where the tower has one, is dropped;
+        the first patch too with ``drop_first_patch``)."""
+        patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        return patches - 1 if self.drop_first_patch else patches

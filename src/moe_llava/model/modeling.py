@@ -139,7 +139,8 @@ class MoELlavaForCausalLM(PreTrainedModel):
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         outputs = self.vision_tower(pixel_values, output_hidden_states=True)
         features = outputs.hidden_states[self.config.vision_feature_layer]
-        if features.shape[1] == self.num_image_tokens + 1:  # CLIP-style CLS token first: drop it
+        # CLIP-style CLS token first (or, with drop_first_patch, the first patch): drop it
+        if features.shape[1] == self.num_image_tokens + 1:
             features = features[:, 1:]
         return self.projector(features)
 

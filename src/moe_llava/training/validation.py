@@ -354,6 +354,11 @@ def _validate_paths(cfg: Mapping, stage: str) -> None:
             "init_from",
             f"{init_from} is not a save_pretrained export (no config.json)",
         )
+        from moe_llava.model.convert.configmap import convert_hint, is_released_checkpoint
+
+        released = is_released_checkpoint(init_from)
+        if released:
+            raise ConfigError("init_from", f"{init_from} is {convert_hint(init_from, released)}")
     elif previous_stage(stage):
         prev = previous_stage(stage)
         export = Path(cfg["run_dir"]) / prev / "export"
