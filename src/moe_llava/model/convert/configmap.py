@@ -169,10 +169,10 @@ def released_to_ours(
     for field in config:
         if field in known:
             continue
-        if (field.startswith("video") or field.startswith("mm_video")) and _is_off(config[field]):
-            continue  # the video branch, switched off (nn.Identity, no weights)
-        if field in ("video_projector_type",) or field.startswith("mm_video"):
-            refuse(field, f"{config[field]!r}: video towers are not supported")
+        if field.startswith(("video", "mm_video")):
+            if _is_off(config.get("mm_video_tower")):
+                continue  # the video branch is off: its projectors are nn.Identity, with no weights
+            refuse("mm_video_tower", f"{config['mm_video_tower']!r}: video towers are not supported")
         refuse(field, "unknown field: not converted (this converter maps every field it accepts)")
     for field, required in _LLAVA_REQUIRED.items():
         if field in config and config[field] != required:

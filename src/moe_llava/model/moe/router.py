@@ -160,7 +160,9 @@ class TopKRouter(nn.Linear):
             kept_order = order[keep_sorted]
             kept = torch.bincount(sorted_expert[keep_sorted], minlength=num_experts + 1)
         if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+            # The reference's clamp (DeepSpeed top2gating: eps, not tiny): a token whose top-1 was
+            # dropped keeps a near-zero top-2 gate near zero instead of scaling it up to 1.
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
 
         return Routing(
             logits=logits,
