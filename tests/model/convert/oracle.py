@@ -241,27 +241,39 @@ class Qwen1:
         return F.linear(h, s["lm_head.weight"])
 
 
-@torch.no_grad()
-def oracle_logits(
-    state: dict,
-    config: dict,
-    vision: dict,
-    input_ids: list[list[int]],
-    pixel_values: torch.Tensor | None,
-    pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(logits (B, L, V), attention_mask (B, L), tokens whose second (or both) experts were dropped)."""
-    backbone = re.sub("^moe_llava_", "", config["model_type"])
-    prefix = "transformer." if backbone == "qwen" else "model."
-    state = {k: v.float() for k, v in state.items()}
-    features = None
-    if pixel_values is not None:
-        features = image_features(state, config, pixel_values, vision, prefix)
-    embed = state["transformer.wte.weight" if backbone == "qwen" else "model.embed_tokens.weight"]
-    embeds, mask = splice(embed, input_ids, features, embed[pad_id])
-    if backbone == "qwen":
-        model = Qwen1(state, config)
-        return model.forward(embeds, mask), mask, model.dropped
-    lm, blocks = _hf_lm(backbone, state, config)
-    logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
-    return logits, mask, sum(b.dropped for b in blocks)
+class Oracle:
+    """The released checkpoint (``state``, ``config``), built once; called on prompts with -200 placeholders."""
+
+    def __init__(self, state: dict, config: dict, vision: dict):
+        self.backbone = re.sub("^moe_llava_", "", config["model_type"])
+        self.prefix = "transformer." if self.backbone == "qwen" else "model."
+        self.state = {k: v.float() for k, v in state.items()}
+        self.config, self.vision = config, vision
+        self.lm = (
+            Qwen1(self.state, config)
+            if self.backbone == "qwen"
+            else _hf_lm(self.backbone, self.state, config)
+        )
+
+    @torch.no_grad()
+    def __call__(self, input_ids: list[list[int]], pixel_values: torch.Tensor | None, pad_id: int):
+        """(logits (B, L, V), attention_mask (B, L), tokens that lost an expert to the capacity)."""
+        features = None
+        if pixel_values is not None:
+            features = image_features(self.state, self.config, pixel_values, self.vision, self.prefix)
+        embed = self.state[
+            "transformer.wte.weight" if self.backbone == "qwen" else "model.embed_tokens.weight"
+        ]
+        embeds, mask = splice(embed, input_ids, features, embed[pad_id])
+        if self.backbone == "qwen":
+            self.lm.dropped = 0
+            return self.lm.forward(embeds, mask), mask, self.lm.dropped
+        lm, blocks = self.lm
+        for block in blocks:
+            block.dropped = 0
+        logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
+        return logits, mask, sum(b.dropped for b in blocks)
+
+
+def oracle_logits(state, config, vision, input_ids, pixel_values, pad_id):
+    return Oracle(state, config, vision)(input_ids, pixel_values, pad_id)

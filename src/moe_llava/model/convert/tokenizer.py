@@ -63,6 +63,8 @@ TIKTOKEN_TOKENIZERS: dict[str, tuple[str, Any, dict[str, str]]] = {
         {"eos_token": "<|endoftext|>", "unk_token": "<|reg0|>", "pad_token": "<|reg0|>"},
     ),
 }
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")  # fmt: skip
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -109,10 +111,19 @@ def load_released_tokenizer(folder: Path):
                 f"field 'tokenizer_class': {cls!r} is remote code with no native conversion here",
                 file=folder / "tokenizer_config.json",
             )
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"no loadable tokenizer ({err})", file=folder) from None
+    import shutil
+    import tempfile
+
+    # From a copy of the tokenizer's own files: no config.json of another architecture to read,
+    # and no code beside them.
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in folder.iterdir():
+            if file.is_file() and (file.name in TOKENIZER_FILES or file.suffix in (".txt", ".model")):
+                shutil.copy2(file, tmp)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"no loadable tokenizer ({err})", file=folder) from None
 
 
 def tiktoken_to_fast(folder: Path, cls: str):
