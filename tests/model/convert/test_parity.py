@@ -59,7 +59,11 @@ def _compare(tmp_path, backbone, vision="clip", ecf=2.0, **write_kwargs):
         for image in (False, True):
             prompts = _prompts(batch, image, model.config.image_token_id)
             g = torch.Generator().manual_seed(batch)
-            pixels = torch.randn(batch, 3, VISION["image_size"], VISION["image_size"], generator=g) if image else None
+            pixels = (
+                torch.randn(batch, 3, VISION["image_size"], VISION["image_size"], generator=g)
+                if image
+                else None
+            )
             expected, mask, dropped = oracle(prompts, pixels, PAD)
             got, our_mask = ours_logits(model, prompts, pixels)
             assert torch.equal(mask, our_mask)

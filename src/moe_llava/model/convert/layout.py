@@ -176,10 +176,7 @@ def safetensors_header(file: Path) -> list[tuple[TensorInfo, tuple[int, int]]]:
         with safe_open(str(file), framework="pt") as handle:
             names = set(handle.keys())
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(
-            f"not a readable safetensors file ({err}): truncated, corrupt, or another format under this name",
-            file=file,
-        ) from None
+        raise CheckpointError(_why_unreadable(file, err), file=file) from None
     size = file.stat().st_size
     with file.open("rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
@@ -199,6 +196,29 @@ def safetensors_header(file: Path) -> list[tuple[TensorInfo, tuple[int, int]]]:
     if {info.name for info, _ in entries} != names or end != size:
         raise CheckpointError(f"truncated: the header describes {end} bytes, the file has {size}", file=file)
     return entries
+
+
+def _why_unreadable(file: Path, err: Exception) -> str:
+    """What is wrong with a safetensors file that the library refused: the first tensor past the
+    end of a truncated file, when the header can still be read."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_len)) if 8 + header_len <= size else None
+    except (struct.error, ValueError, UnicodeDecodeError):
+        header = None
+    if isinstance(header, dict):
+        base = 8 + header_len
+        ends = sorted(
+            (base + meta["data_offsets"][1], name)
+            for name, meta in header.items()
+            if name != "__metadata__" and isinstance(meta, dict) and "data_offsets" in meta
+        )
+        cut = next(((end, name) for end, name in ends if end > size), None)
+        if cut is not None:
+            return f"truncated: tensor {cut[1]!r} ends at byte {cut[0]}, the file has {size} bytes"
+    return f"not a readable safetensors file ({err}): truncated, corrupt, or another format under this name"
 
 
 @contextlib.contextmanager

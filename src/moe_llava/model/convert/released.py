@@ -325,6 +325,7 @@ def convert_released(
             if p.dtype.is_floating_point and not p.name.endswith(keymaps.ROUTER_SUFFIX)
         ).most_common(1)[0][0]
         config.dtype = main_dtype
+        config.architectures = ["MoELlavaForCausalLM"]
         provenance = {
             "converted_by": "moe-llava model convert",
             "source": str(src),
