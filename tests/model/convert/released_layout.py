@@ -345,3 +345,29 @@ def write_released(
     (folder / "config.json").write_text(json.dumps(config or released_config(backbone, vision), indent=2))
     write_tokenizer(folder, backbone)
     return folder, state
+
+
+def real_released_config(name: str) -> dict:
+    """config.json of a released checkpoint at its real sizes (reference doc, section 1.3)."""
+    backbone, vision = {
+        "phi2_clip336": ("phi", "clip"),
+        "phi2_siglip384": ("phi", "siglip"),
+        "qwen1_8b": ("qwen", "clip"),
+        "stablelm1_6b": ("stablelm", "clip"),
+    }[name]
+    layers = {"phi": 32, "qwen": 24, "stablelm": 24}[backbone]
+    moe = {"moe_layers_idx": list(range(0, layers, 2)), "num_experts": [4] * (layers // 2)}
+    config = released_config(backbone, vision, moe=moe)
+    config["mm_hidden_size"] = 1152 if vision == "siglip" else 1024
+    config["num_hidden_layers"] = layers
+    if backbone == "phi":
+        config.update(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_attention_heads=32,
+                      num_key_value_heads=32, partial_rotary_factor=0.4, max_position_embeddings=2048)  # fmt: skip
+    elif backbone == "stablelm":
+        config.update(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                      num_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      bos_token_id=100257, eos_token_id=100257, pad_token_id=100280)  # fmt: skip
+    else:
+        config.update(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
+                      kv_channels=128, seq_length=8192, max_position_embeddings=8192)  # fmt: skip
+    return config
