@@ -468,7 +468,7 @@ def ours_to_released(ours: dict, source: dict | None = None) -> tuple[str, dict[
             tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
         )
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in text or (source and key in source):
+        if text.get(key) is not None or (source and key in source):
             out[key] = text.get(key)
     tower = _tower_id(vision)
     out.update(

@@ -40,7 +40,7 @@ from moe_llava.model.convert.released import (
     plan_shape,
     resolve_dtype,
 )
-from moe_llava.model.convert.tokenizer import TIKTOKEN_TOKENIZERS, write_tiktoken
+from moe_llava.model.convert.tokenizer import TIKTOKEN_TOKENIZERS, tiktoken_class_of, write_tiktoken
 
 
 def convert_to_reference(
@@ -132,6 +132,8 @@ def _write_tokenizer(src: Path, folder: Path, tokenizer_class: str | None) -> No
 
     tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
     if tokenizer_class not in TIKTOKEN_TOKENIZERS:
+        tokenizer_class = tiktoken_class_of(tokenizer)
+    if tokenizer_class is None:
         tokenizer.save_pretrained(str(folder))
         return
     vocab_name, specials_of, _ = TIKTOKEN_TOKENIZERS[tokenizer_class]

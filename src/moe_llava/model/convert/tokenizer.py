@@ -187,7 +187,7 @@ def write_tiktoken(tokenizer, file: Path, specials: dict[str, int]) -> None:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
-    vocab = tokenizer.backend_tokenizer.model.get_vocab() if hasattr(tokenizer, "backend_tokenizer") else {}
+    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
     lines = []
     for token, rank in sorted(vocab.items(), key=lambda item: item[1]):
         if token in specials:
@@ -195,3 +195,12 @@ def write_tiktoken(tokenizer, file: Path, specials: dict[str, int]) -> None:
         raw = bytes(byte_decoder[ch] for ch in token)
         lines.append(f"{base64.b64encode(raw).decode()} {rank}\n")
     file.write_text("".join(lines), encoding="utf-8")
+
+
+def tiktoken_class_of(tokenizer) -> str | None:
+    """The tiktoken tokenizer class whose special tokens ``tokenizer`` has, at their ids."""
+    vocab = tokenizer.get_vocab()
+    for cls, (_, specials_of, _) in TIKTOKEN_TOKENIZERS.items():
+        if all(vocab.get(token) == i for token, i in specials_of().items()):
+            return cls
+    return None
