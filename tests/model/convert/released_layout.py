@@ -46,19 +46,19 @@ PREFIX = {"phi": "model.", "stablelm": "model.", "qwen": "transformer."}
 MARKER = "tokenizer-code-ran"
 
 
-def vision_config(kind: str) -> dict:
+def vision_config(kind: str, values: dict | None = None) -> dict:
     """The tiny tower's config as ``--vision-config`` takes it (in place of the hub tower's)."""
-    return {"model_type": f"{kind}_vision_model", **VISION}
+    return {"model_type": f"{kind}_vision_model", **(values or VISION)}
 
 
-def _vision_model(kind: str) -> nn.Module:
+def _vision_model(kind: str, values: dict | None = None) -> nn.Module:
     if kind == "clip":
-        return CLIPVisionModel(CLIPVisionConfig(**VISION))
-    return SiglipVisionModel(SiglipVisionConfig(**VISION, layer_norm_eps=1e-6))
+        return CLIPVisionModel(CLIPVisionConfig(**(values or VISION)))
+    return SiglipVisionModel(SiglipVisionConfig(**(values or VISION), layer_norm_eps=1e-6))
 
 
-def _lm(backbone: str) -> nn.Module:
-    common = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+def _lm(backbone: str, vocab: int = VOCAB) -> nn.Module:
+    common = dict(vocab_size=vocab, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
                   max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
     if backbone == "phi":
         config = PhiConfig(**common, intermediate_size=FF, hidden_act="gelu_new", partial_rotary_factor=0.5,
@@ -83,7 +83,13 @@ def _randomize(module: nn.Module, generator: torch.Generator) -> None:
                 param.copy_(0.2 * noise)
 
 
-def released_config(backbone: str, vision: str = "clip", moe: dict | None = None, **overrides) -> dict:
+def released_config(
+    backbone: str,
+    vision: str = "clip",
+    moe: dict | None = None,
+    vision_values: dict | None = None,
+    **overrides,
+) -> dict:
     """config.json with the released field names and values (scaled down)."""
     moe_dict = {
         "moe_enable": True,
@@ -106,7 +112,7 @@ def released_config(backbone: str, vision: str = "clip", moe: dict | None = None
     }
     llava = {
         "mm_image_tower": HUB_TOWERS[vision],
-        "mm_hidden_size": VISION["hidden_size"],
+        "mm_hidden_size": (vision_values or VISION)["hidden_size"],
         "mm_video_tower": None,
         "image_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
@@ -164,13 +170,15 @@ def released_config(backbone: str, vision: str = "clip", moe: dict | None = None
     return {**lm, **llava, "torch_dtype": "float32", "transformers_version": "4.37.0", **overrides}
 
 
-def released_state(backbone: str, vision: str = "clip", seed: int = 0) -> dict[str, torch.Tensor]:
+def released_state(
+    backbone: str, vision: str = "clip", seed: int = 0, vocab: int = VOCAB, vision_values: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Every tensor of a tiny released checkpoint (fp32), under the reference's names."""
     g = torch.Generator().manual_seed(seed)
     p = PREFIX[backbone]
-    lm = _lm(backbone)
+    lm = _lm(backbone, vocab)
     _randomize(lm, g)
-    tower = _vision_model(vision)
+    tower = _vision_model(vision, vision_values)
     _randomize(tower, g)
     state: dict[str, torch.Tensor] = {}
     lm_state = lm.state_dict()
@@ -221,7 +229,7 @@ def released_state(backbone: str, vision: str = "clip", seed: int = 0) -> dict[s
         layer = "transformer.h" if backbone == "qwen" else "model.layers"
         state[f"{layer}.{i}.mlp.deepspeed_moe.gate.wg.weight"] = torch.randn(EXPERTS, D, generator=g)
     state[f"{p}mm_projector.image_spatial_proj.0.weight"] = 0.3 * torch.randn(
-        D, VISION["hidden_size"], generator=g
+        D, (vision_values or VISION)["hidden_size"], generator=g
     )
     state[f"{p}mm_projector.image_spatial_proj.0.bias"] = 0.1 * torch.randn(D, generator=g)
     state[f"{p}mm_projector.image_spatial_proj.2.weight"] = 0.3 * torch.randn(D, D, generator=g)
