@@ -80,7 +80,7 @@ def _randomize(module: nn.Module, generator: torch.Generator) -> None:
             if "norm" in name or "layrnorm" in name or name.endswith("ln_1.weight"):
                 param.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
             else:
-                param.copy_(0.2 * noise)
+                param.copy_(0.1 * noise)
 
 
 def released_config(
