@@ -81,7 +81,11 @@ _LLAVA_IGNORED = {
     "mm_hidden_size",  # checked against the vision tower
     "mm_image_tower",  # the vision config
     "mm_vision_tower",
+    "unfreeze_mm_vision_tower",
+    "mm_vision_tower_lr",
 }
+# LLaVA fields of features the released models do not use: accepted only switched off.
+_LLAVA_OFF = {"image_grid_pinpoints", "s2", "s2_scales"}
 # (field, value required): features we do not implement unless the value is exactly this.
 _LLAVA_REQUIRED = {
     "mm_use_im_start_end": False,
@@ -169,6 +173,10 @@ def released_to_ours(
     for field in config:
         if field in known:
             continue
+        if field in _LLAVA_OFF or field == "mm_patch_merge_type":
+            if _is_off(config[field]) or config[field] == "flat":
+                continue
+            refuse(field, f"{config[field]!r}: not used by the released models, not supported")
         if field.startswith(("video", "mm_video")):
             if _is_off(config.get("mm_video_tower")):
                 continue  # the video branch is off: its projectors are nn.Identity, with no weights
