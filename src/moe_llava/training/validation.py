@@ -350,6 +350,13 @@ def _validate_paths(cfg: Mapping, stage: str) -> None:
     init_from = cfg.get("init_from")
     if init_from:
         _check(
+            Path(init_from).exists() or str(init_from).count("/") != 1,
+            "init_from",
+            f"{init_from} is not a folder; a hub id is not downloaded here: download it (e.g. `hf download "
+            f"{init_from} --local-dir DIR`), then for a released MoE-LLaVA checkpoint run "
+            "`moe-llava model convert DIR DST` and use DST",
+        )
+        _check(
             (Path(init_from) / "config.json").is_file(),
             "init_from",
             f"{init_from} is not a save_pretrained export (no config.json)",

@@ -62,7 +62,10 @@ def test_convert_then_continue_moe_tuning_evaluate_and_register(
     monkeypatch,
     clean_hydra,
 ):
-    # the unconverted folder: refused before any model loads, naming the command
+    # a hub id (nothing is downloaded here) and the unconverted folder: refused before any model
+    # loads, in one line naming the command
+    with pytest.raises(ConfigError, match=r"hub id .* `moe-llava model convert DIR DST`"):
+        run_stage(compose_stage("stage3", "init_from=LanguageBind/MoE-LLaVA-Phi2-2.7B-4e"))
     with pytest.raises(ConfigError, match=r"moe-llava model convert .*MoE-LLaVA-Phi2-2.7B-4e DST") as info:
         run_stage(compose_stage("stage3", f"init_from={released}"))
     assert str(info.value).startswith("init_from: ") and "\n" not in str(info.value)
