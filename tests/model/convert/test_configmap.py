@@ -23,6 +23,7 @@ from tests.model.convert.released_layout import released_config, vision_config, 
         ({"moe": {"num_experts": [4, 8]}}, "moe.num_experts", "one expert count"),
         ({"moe": {"moe_layers_idx": [0, 9]}}, "moe.moe_layers_idx", "out of range"),
         ({"moe": {"gate_noise": 1}}, "moe.gate_noise", "unknown field"),
+        ({"moe": {"top_k_experts": 1}}, "moe.top_k_experts", "only top-2"),
         ({"mm_use_im_start_end": True}, "mm_use_im_start_end", "not supported"),
         (
             {"mm_video_tower": "LanguageBind/Video", "video_projector_type": "linear"},

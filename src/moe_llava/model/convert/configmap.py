@@ -255,8 +255,8 @@ def _moe(moe: dict, num_layers: int, refuse) -> dict[str, Any]:
     if len(experts) not in (1, len(layers)):
         refuse("moe.num_experts", f"{len(experts)} counts for {len(layers)} MoE layers")
     top_k = moe.get("top_k_experts", 2)
-    if top_k not in (1, 2):  # DeepSpeed-MoE 0.9.5 gates: top1gating / top2gating
-        refuse("moe.top_k_experts", f"{top_k}: DeepSpeed-MoE routes top-1 or top-2 only")
+    if top_k != 2:  # DeepSpeed-MoE 0.9.5's top1gating picks the kept tokens at random (use_rts)
+        refuse("moe.top_k_experts", f"{top_k}: only top-2 (DeepSpeed's top2gating) is converted")
     return {
         "moe": {
             "num_experts": experts[0],
