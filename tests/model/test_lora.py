@@ -101,7 +101,7 @@ def test_adapter_export_merges_into_its_dense_base_like_the_in_place_merge(tiny_
     model.config.conversation_template = "plain"  # what the stage records before exporting
     save_adapter(peft_model, tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "config.json").exists()
-    with pytest.raises(CheckpointError, match="LoRA adapters only .* merge-lora"):
+    with pytest.raises(CheckpointError, match=r"LoRA adapters only .* merge-lora"):
         load_export_model(tmp_path / "adapter")
 
     rebuilt = merge_adapter(tmp_path / "base", tmp_path / "adapter")
@@ -113,7 +113,7 @@ def test_adapter_export_merges_into_its_dense_base_like_the_in_place_merge(tiny_
         torch.testing.assert_close(state[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)
 
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no adapter_model\.safetensors"):
         merge_adapter(tmp_path / "base", tmp_path / "adapter")
 
 
@@ -147,5 +147,7 @@ def test_targets_outside_the_stages_trainable_set_are_refused(moe_vlm):
     routers_only = LoraSettings(**{**EXPERTS.__dict__, "full_modules": (r"\.router$",)})
     targets, full = resolve_targets(moe_vlm, routers_only, only_ffn)
     assert len(targets) == 2 * 4 * 3 + 2 * 3 and len(full) == 2
-    with pytest.raises(ConfigError, match=r"^lora\.full_modules: projector is outside the stage's trainable set"):
+    with pytest.raises(
+        ConfigError, match=r"^lora\.full_modules: projector is outside the stage's trainable set"
+    ):
         resolve_targets(moe_vlm, EXPERTS, only_ffn)
