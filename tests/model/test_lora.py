@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from moe_llava.errors import CheckpointError, ConfigError
 from moe_llava.model import MoELlavaForCausalLM, SparseMoeBlock
 from moe_llava.model.checkpoint import load_export_model
+from moe_llava.model.configuration import MoELlavaConfig
 from moe_llava.model.lora import (
     LoraSettings,
     apply_lora,
@@ -19,7 +21,8 @@ from moe_llava.model.lora import (
     save_adapter,
     trainable_counts,
 )
-from tests.conftest import multimodal_batch
+from moe_llava.paths import CONF_DIR
+from tests.conftest import IMAGE_TOKEN_ID, multimodal_batch, tiny_phi_config, tiny_vision_config
 
 EXPERTS = LoraSettings(
     r=4,
@@ -151,3 +154,38 @@ def test_targets_outside_the_stages_trainable_set_are_refused(moe_vlm):
         ConfigError, match=r"^lora\.full_modules: projector is outside the stage's trainable set"
     ):
         resolve_targets(moe_vlm, EXPERTS, only_ffn)
+
+
+def _conf_settings(name: str) -> LoraSettings:
+    return LoraSettings.from_config(OmegaConf.load(CONF_DIR / "lora" / f"{name}.yaml"))
+
+
+def test_stage2_lm_preset_adapts_every_decoder_linear_and_trains_the_projector(tiny_vlm):
+    apply_lora(tiny_vlm, _conf_settings("lm"))
+    trainable = {n for n, p in tiny_vlm.named_parameters() if p.requires_grad}
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.split(".")[0] for n in trainable} == {"projector", "language_model"}
+    assert not any("embed_tokens" in n or "lm_head" in n or "norm" in n for n in trainable)
+    _train(tiny_vlm)  # the adapted model trains
+
+
+@pytest.mark.parametrize("preset", ["lm", "experts"])
+def test_presets_fit_phi_names_too(preset):
+    """Phi (the Phi-2 recipes) names its linears fc1/fc2 and dense: the presets' patterns cover them."""
+    torch.manual_seed(0)
+    config = MoELlavaConfig(
+        vision_config=tiny_vision_config(), text_config=tiny_phi_config(), image_token_id=IMAGE_TOKEN_ID
+    )
+    model = MoELlavaForCausalLM(config)
+    model.upcycle(num_experts=4, top_k=2, layers="sparse")
+    targets, full = resolve_targets(model, _conf_settings(preset))
+    kinds = {name.rsplit(".", 1)[-1] for name in targets}
+    assert kinds == (
+        {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"} if preset == "lm" else {"fc1", "fc2"}
+    )
+    assert all(name.startswith("language_model.") for name in targets), (
+        "the CLIP tower's fc1/fc2 are not targets"
+    )
+    if preset == "experts":
+        assert "language_model.model.layers.0.mlp.experts.3.fc2" in targets and len(full) == 1 + 2

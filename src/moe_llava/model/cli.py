@@ -1,13 +1,14 @@
-"""`moe-llava model ...`: inspect model recipes without downloading anything."""
+"""`moe-llava model ...`: inspect model recipes without downloading anything; merge LoRA adapters."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("model", help="inspect model recipes")
+    parser = subparsers.add_parser("model", help="inspect model recipes, merge LoRA adapters")
     commands = parser.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     info = commands.add_parser(
         "info", help="parameter counts (total / activated per token) of a recipe, dense and upcycled"
@@ -18,6 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--layers", default="sparse", help="sparse | first_half | second_half | dense | 0,2,5")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=_info)
+    merge = commands.add_parser(
+        "merge-lora",
+        help="merge a LoRA stage's adapter export (lora.export=adapter) into its base: a plain export",
+    )
+    merge.add_argument("base", help="the export the LoRA stage started from, e.g. <run_dir>/stage2/export")
+    merge.add_argument("adapter", help="the LoRA stage's adapter export, e.g. <run_dir>/stage3/export")
+    merge.add_argument("dst", help="folder of the merged export (written whole, or not at all)")
+    merge.set_defaults(func=_merge_lora)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -44,6 +53,22 @@ def _info(args: argparse.Namespace) -> int:
             f"{_fmt(moe.parts[part].activated):>16}"
         )
     print(f"{'all':<16}{_fmt(dense.total):>14}{_fmt(moe.total):>14}{_fmt(moe.activated):>16}")
+    return 0
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from transformers import AutoImageProcessor
+
+    from moe_llava.data.tokenizer import load_tokenizer
+    from moe_llava.model.lora import merge_adapter
+    from moe_llava.training.run import export_stage
+
+    model = merge_adapter(args.base, args.adapter)
+    tokenizer = load_tokenizer(args.adapter)  # the LoRA stage saved its tokenizer and processor beside them
+    image_processor = AutoImageProcessor.from_pretrained(args.adapter, trust_remote_code=False)
+    export_stage(model, tokenizer, image_processor, Path(args.dst))
+    layout = f"MoE layers {model.config.moe['layers']}" if model.is_moe else "dense"
+    print(f"merged {args.adapter} into {args.base}: {args.dst} ({layout})")
     return 0
 
 
