@@ -172,6 +172,7 @@ def test_a_target_matching_nothing_is_one_line_naming_the_key(compose_stage, den
         run_stage(compose_stage("stage3", f"init_from={dense_export}", "lora=lm"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stage3_lora_ddp_two_cpu_processes_ranks_identical(shapesworld, dense_export, tmp_path):
     overrides = [

@@ -2,7 +2,7 @@
 
 Modules: ``moe`` (the sparse MoE block, router statistics), ``upcycle``, ``configuration``,
 ``modeling``, ``builder`` (models from the Hydra ``model`` group), ``params`` (parameter counts),
-``cli`` (``moe-llava model``). Importing the package registers the model with transformers' Auto
+``lora`` (LoRA / QLoRA adapters with peft, merging), ``cli`` (``moe-llava model``). Importing the package registers the model with transformers' Auto
 classes, so ``AutoConfig.from_pretrained(dir)`` / ``AutoModelForImageTextToText.from_pretrained(dir)``
 work on our exports.
 """

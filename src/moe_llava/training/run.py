@@ -3,6 +3,8 @@
 
 Outputs, under ``<run_dir>/<stage>/``:
   export/        the stage's weights (safetensors), tokenizer and image processor: the next stage's input
+                 (a LoRA stage merges its adapters into it; with lora.export=adapter it holds the PEFT
+                 adapters instead, which `moe-llava model merge-lora` turns into such an export)
   checkpoints/   Lightning checkpoints for resuming this stage (``last.ckpt``)
   data/          prepared manifests, quarantine files and counts
   metrics.json   final losses, steps, wall time (DVC-trackable)
