@@ -126,8 +126,10 @@ def embedded(prep_overrides: list[str], stage3_overrides: list[str], evaluate: b
     run_root = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     data_root = REPO_ROOT / "data" / "shapesworld"
     if not (data_root / "instruct_train.json").is_file():
-        data_root = run_root / "shapesworld"
-        generate_shapesworld(data_root)
+        from hydra.utils import instantiate
+
+        data_root = run_root / "shapesworld"  # the data.dvc data: the data group's generator settings
+        generate_shapesworld(data_root, instantiate(compose_config(["experiment=tiny_cpu"]).data.generator))
     base = [
         "experiment=tiny_cpu",
         f"data.root={data_root}",
