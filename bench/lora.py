@@ -17,7 +17,9 @@ Two parts:
   on CPU, ``torch.cuda.max_memory_allocated`` on a GPU), then each export's evaluation (POPE mean
   F1). Step time: median wall time of a whole optimizer step (all its micro-batches), after the first.
 
-Writes ``bench_results/lora.json``.
+Writes ``bench_results/lora.json``. On a machine shared with other jobs run it with
+``OMP_NUM_THREADS=1``: torch's two OpenMP threads on contended cores spin, and small matmuls then
+run many times slower than on one thread.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import copy
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -170,6 +173,7 @@ def embedded(prep_overrides: list[str], stage3_overrides: list[str], evaluate: b
             metrics = json.loads((run_dir / "stage3" / "eval" / "metrics.json").read_text())
             variants[name]["pope_mean_f1"] = metrics.get("pope/mean_f1")
         print(f"[lora] stage3 {name}: {variants[name]}", file=sys.stderr)
+    shutil.rmtree(run_root, ignore_errors=True)
     return {
         "prep_seconds": prep,
         "prep_overrides": prep_overrides,
