@@ -2,9 +2,10 @@
 
 Modules: ``moe`` (the sparse MoE block, router statistics), ``upcycle``, ``configuration``,
 ``modeling``, ``builder`` (models from the Hydra ``model`` group), ``params`` (parameter counts),
-``cli`` (``moe-llava model``). Importing the package registers the model with transformers' Auto
-classes, so ``AutoConfig.from_pretrained(dir)`` / ``AutoModelForImageTextToText.from_pretrained(dir)``
-work on our exports.
+``lora`` (LoRA / QLoRA adapters with peft, and merging them), ``cli`` (``moe-llava model``).
+Importing the package registers the model with transformers' Auto classes, so
+``AutoConfig.from_pretrained(dir)`` / ``AutoModelForImageTextToText.from_pretrained(dir)`` work on
+our exports.
 """
 
 from moe_llava._lazy import lazy_exports

@@ -17,12 +17,19 @@ from moe_llava.errors import CheckpointError
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder (a LoRA stage with lora.export=adapter)
+ADAPTERS_ONLY = (
+    "holds LoRA adapters only (lora.export=adapter), not a model export: "
+    "merge them into their base first (moe-llava model merge-lora BASE ADAPTER DST)"
+)
 
 
 def check_export_config(model_dir: str | Path) -> dict[str, Any]:
     """``config.json`` of ``model_dir`` as a dict, if it is a MoE-LLaVA config (reads JSON only)."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
+        if (Path(model_dir) / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(ADAPTERS_ONLY, file=model_dir)
         raise CheckpointError("not a model export (no config.json)", file=model_dir)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))

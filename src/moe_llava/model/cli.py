@@ -1,14 +1,17 @@
 """`moe-llava model ...`: inspect model recipes without downloading anything; convert the released
-MoE-LLaVA checkpoints to our exports and back (``moe-llava model convert``)."""
+MoE-LLaVA checkpoints to our exports and back (``moe-llava model convert``); merge LoRA adapters."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("model", help="inspect model recipes, convert released checkpoints")
+    parser = subparsers.add_parser(
+        "model", help="inspect model recipes, convert released checkpoints, merge LoRA adapters"
+    )
     commands = parser.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     info = commands.add_parser(
         "info", help="parameter counts (total / activated per token) of a recipe, dense and upcycled"
@@ -46,6 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     convert.add_argument("--json", action="store_true", help="print the report as JSON")
     convert.set_defaults(func=_convert)
+    merge = commands.add_parser(
+        "merge-lora",
+        help="merge a LoRA stage's adapter export (lora.export=adapter) into its base: a plain export",
+    )
+    merge.add_argument("base", help="the export the LoRA stage started from, e.g. <run_dir>/stage2/export")
+    merge.add_argument("adapter", help="the LoRA stage's adapter export, e.g. <run_dir>/stage3/export")
+    merge.add_argument("dst", help="folder of the merged export (written whole, or not at all)")
+    merge.set_defaults(func=_merge_lora)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -105,6 +116,22 @@ def _convert(args: argparse.Namespace) -> int:
     )
     for note in report.notes:
         print(f"  {note}")
+    return 0
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from transformers import AutoImageProcessor
+
+    from moe_llava.data.tokenizer import load_tokenizer
+    from moe_llava.model.lora import merge_adapter
+    from moe_llava.training.run import export_stage
+
+    model = merge_adapter(args.base, args.adapter)
+    tokenizer = load_tokenizer(args.adapter)  # the LoRA stage saved its tokenizer and processor beside them
+    image_processor = AutoImageProcessor.from_pretrained(args.adapter, trust_remote_code=False)
+    export_stage(model, tokenizer, image_processor, Path(args.dst))
+    layout = f"MoE layers {model.config.moe['layers']}" if model.is_moe else "dense"
+    print(f"merged {args.adapter} into {args.base}: {args.dst} ({layout})")
     return 0
 
 

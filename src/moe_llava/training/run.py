@@ -3,6 +3,8 @@
 
 Outputs, under ``<run_dir>/<stage>/``:
   export/        the stage's weights (safetensors), tokenizer and image processor: the next stage's input
+                 (a LoRA stage merges its adapters into it; with lora.export=adapter it holds the PEFT
+                 adapters instead, which `moe-llava model merge-lora` turns into such an export)
   checkpoints/   Lightning checkpoints for resuming this stage (``last.ckpt``)
   data/          prepared manifests, quarantine files and counts
   metrics.json   final losses, steps, wall time (DVC-trackable)
@@ -17,6 +19,7 @@ import csv
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,10 @@ from moe_llava.atomic import write_dir, write_file
 from moe_llava.config import resolved
 from moe_llava.data.config import stage_config, tokenizer_from_config
 from moe_llava.data.tokenizer import load_tokenizer
+from moe_llava.errors import ConfigError
 from moe_llava.model.builder import build_image_processor
+from moe_llava.model.checkpoint import check_export_config
+from moe_llava.model.lora import merge_adapter, merge_lora, save_adapter, trainable_counts
 from moe_llava.tracking import (
     bound_http_retries,
     data_hash,
@@ -46,6 +52,7 @@ from moe_llava.training.datamodule import LlavaDataModule
 from moe_llava.training.lit_module import MoELlavaLitModule
 from moe_llava.training.loggers import BufferedMLFlowLogger
 from moe_llava.training.stages import (
+    apply_stage_lora,
     configure_trainable,
     load_stage_model,
     previous_stage,
@@ -123,6 +130,35 @@ def export_stage(model, tokenizer, image_processor, export_dir: Path) -> None:
     write_dir(export_dir, save, "stage export")
 
 
+def export_lora_stage(peft_model, lora_cfg: DictConfig, tokenizer, image_processor, paths: dict) -> None:
+    """The export of a LoRA stage: merged into a plain export (``lora.export=merged``), or the
+    adapters alone in the PEFT format (``adapter``; ``moe-llava model merge-lora`` merges them).
+
+    A QLoRA stage's merged export is rebuilt from the stage's full-precision start (its 4-bit
+    weights are not the weights the next stage should get): the adapters are merged into it.
+    """
+    if lora_cfg.export == "adapter":
+
+        def save(folder: Path) -> None:
+            save_adapter(peft_model, folder)
+            tokenizer.save_pretrained(folder)
+            image_processor.save_pretrained(folder)
+
+        write_dir(paths["export"], save, "stage export (adapters)")
+    elif lora_cfg.get("quantize"):
+        if paths["init"] is None:
+            raise ConfigError("lora.quantize", "a QLoRA stage needs an export to start from (init_from)")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(peft_model, tmp)
+            export_stage(merge_adapter(paths["init"], tmp), tokenizer, image_processor, paths["export"])
+    else:
+        export_stage(merge_lora(peft_model), tokenizer, image_processor, paths["export"])
+
+
+def _init_is_moe(init_dir: Path | None) -> bool:
+    return init_dir is not None and bool(check_export_config(init_dir).get("moe"))
+
+
 def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train ``cfg.stage`` and export it; ``callbacks`` are added to the Trainer's (programmatic use)."""
     cfg = resolved(cfg)
@@ -145,7 +181,19 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
     model, tokenizer, image_processor, origin = load_model_and_processors(
         cfg.model, cfg.moe, cfg.data, cfg.stage, paths["init"]
     )
-    configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
+    trainable = configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
+    peft_model = apply_stage_lora(
+        model, cfg.get("lora"), trainable, fresh_routers=model.is_moe and not _init_is_moe(paths["init"])
+    )
+    trainable_parts = trainable_counts(model)
+    if rank_zero_only.rank == 0:
+        log.info(
+            "%s trains %s parameters (%s frozen): %s",
+            stage,
+            f"{trainable_parts['total']:,}",
+            f"{trainable_parts['frozen']:,}",
+            ", ".join(f"{k} {v:,}" for k, v in trainable_parts.items() if k not in ("total", "frozen")),
+        )
     if cfg.stage.gradient_checkpointing:
         # transformers 5.24 renamed it (the old name warns, and goes in v6); older 5.x only has the old one.
         enable = (
@@ -185,8 +233,9 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
                 if data_node.get(split):
                     name = f"{cfg.data.get('name', 'data')}/{Path(data_node[split]).stem}"
                     run.log_dataset(data_node[split], name, data_version, context)
-        counts = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        counts = {"trainable_parameters": trainable_parts["total"]}
         run.log_metrics(counts)
+        run.log_params({"trainable": trainable_parts})  # per part and kind: trainable.experts.lora ...
         trainer = build_trainer(cfg, model, paths, run.run_id, callbacks or [])
         datamodule = LlavaDataModule(
             cfg.data,
@@ -211,7 +260,10 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
             if earlier_log.is_file():
                 join_interrupted_log(earlier_log, csv_log)
             record_prompt_format(model.config, cfg.data, stage)
-            export_stage(model, tokenizer, image_processor, paths["export"])
+            if peft_model is None:
+                export_stage(model, tokenizer, image_processor, paths["export"])
+            else:
+                export_lora_stage(peft_model, cfg.lora, tokenizer, image_processor, paths)
             result.update(counts, wall_time_s=time.perf_counter() - started, resumed=resume)
             (paths["stage_dir"] / "metrics.json").write_text(json.dumps(result, indent=2))
             # Summary numbers only: the per-step series (train/loss ...) were logged during training.

@@ -6,6 +6,9 @@
   continues from a released or previously trained MoE checkpoint.
 * The trainable set is a list of groups (``projector``, ``vision_tower``, ``language_model``,
   ``ffn``), or regexes over parameter names (``train_modules``); everything else is frozen.
+* With ``lora.enabled`` the set trains through LoRA adapters instead (:func:`apply_stage_lora`,
+  after upcycling): adapters on the targeted linears inside it, its ``full_modules`` in full,
+  the rest of it frozen.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from moe_llava.errors import ConfigError
 from moe_llava.model import MoELlavaForCausalLM
 from moe_llava.model.checkpoint import load_export_model
+from moe_llava.model.lora import LoraSettings, apply_lora
 from moe_llava.model.upcycle import find_decoder_layers, find_ffn_name
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -103,3 +108,31 @@ def split_moe_settings(moe_cfg: dict) -> tuple[dict, dict]:
         key: settings.pop(key) for key in ("router_aux_loss_coef", "router_z_loss_coef") if key in settings
     }
     return settings, coefficients
+
+
+def apply_stage_lora(model: MoELlavaForCausalLM, lora_cfg, trainable: Iterable[str], fresh_routers: bool):
+    """LoRA adapters on ``model`` as the ``lora`` group says (None when it is off): the
+    :class:`peft.PeftModel` around the model, which is adapted in place.
+
+    ``fresh_routers``: the routers were made by this stage's upcycling. An adapter export (and
+    QLoRA's merge, which rebuilds the base in full precision) can only give them back when they
+    are in the adapter export, so then they must be among ``lora.full_modules``.
+    """
+    if not lora_cfg or not lora_cfg.get("enabled"):
+        return None
+    settings = LoraSettings.from_config(lora_cfg)
+    peft_model = apply_lora(model, settings, set(trainable))
+    rebuilt = lora_cfg.get("export") == "adapter" or settings.quantize
+    if rebuilt and fresh_routers:
+        unsaved = [
+            name
+            for name, module in model.named_modules()
+            if name.endswith(".router") and type(module).__name__ != "ModulesToSaveWrapper"
+        ]
+        if unsaved:
+            raise ConfigError(
+                "lora.full_modules",
+                f"must train the routers this stage upcycled ({unsaved[0]}, ...) when lora.export=adapter or "
+                "lora.quantize is set: the adapter export is all a merge gets besides the dense base",
+            )
+    return peft_model

@@ -10,6 +10,8 @@ files of the DVC pipeline, which is why it does not depend on conf/'s defaults l
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -24,11 +26,14 @@ from moe_llava.data.templates import TEMPLATES
 from moe_llava.data.validation import IMAGE_CHECKS, OVERLENGTH_POLICIES
 from moe_llava.errors import ConfigError
 from moe_llava.model.builder import VISION_TOWER_CLASSES
+from moe_llava.model.checkpoint import ADAPTER_CONFIG, ADAPTERS_ONLY
+from moe_llava.model.lora import QUANTIZE_MODES
 from moe_llava.model.moe import EXPERT_PATHS
 from moe_llava.model.upcycle import LAYER_MODES
 from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
 LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
+LORA_EXPORTS = ("merged", "adapter")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -136,6 +141,58 @@ class MoEConfig(Schema):
         else:
             ok = bool(layers) and all(isinstance(i, int) for i in layers)
             _check(ok, "moe.layers", f"expected a mode or a non-empty list of integers, got {layers!r}")
+
+
+@dataclass
+class LoraConfig(Schema):
+    """Schema of ``conf/lora/*.yaml``: LoRA adapters (:mod:`moe_llava.model.lora`) instead of full training."""
+
+    section = "lora"
+    enabled: bool = False
+    r: int = rule(16, ge=1)  # the rank
+    alpha: float = rule(32.0, gt=0)
+    dropout: float = rule(0.05, ge=0, lt=1)
+    target_modules: list[str] = field(default_factory=list)  # regexes over module names
+    full_modules: list[str] = field(default_factory=list)  # trained fully beside the adapters
+    export: str = rule("merged", one_of=LORA_EXPORTS)
+    quantize: str | None = rule(None, one_of=QUANTIZE_MODES)  # QLoRA (CUDA only)
+
+    def check(self) -> None:
+        for name in ("target_modules", "full_modules"):
+            for i, pattern in enumerate(getattr(self, name)):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(f"lora.{name}[{i}]", f"not a regex ({err}): {pattern!r}") from None
+        if self.enabled:
+            _check(bool(self.target_modules), "lora.target_modules", "is empty: no module would get adapters")
+
+
+def check_quantize(cfg: Mapping, at_run_time: bool) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes: refuse before any model loads."""
+    lora = cfg.get("lora") or {}
+    if not (lora.get("enabled") and lora.get("quantize")):
+        return
+    accelerator = cfg["trainer"].get("accelerator")
+    _check(
+        accelerator != "cpu",
+        "lora.quantize",
+        f"{lora['quantize']} (QLoRA) needs a CUDA GPU, but trainer.accelerator is cpu: set lora.quantize=null",
+    )
+    if not at_run_time:
+        return
+    import torch
+
+    _check(
+        torch.cuda.is_available(),
+        "lora.quantize",
+        f"{lora['quantize']} (QLoRA) needs a CUDA GPU and this machine has none: set lora.quantize=null",
+    )
+    _check(
+        importlib.util.find_spec("bitsandbytes") is not None,
+        "lora.quantize",
+        f"{lora['quantize']} (QLoRA) needs bitsandbytes: pip install 'moe-tuning[qlora]'",
+    )
 
 
 @dataclass
@@ -252,6 +309,8 @@ def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool
     if world is not None:
         accumulation_steps(cfg.stage, world)
     structured(MoEConfig, cfg.moe, "moe")
+    structured(LoraConfig, cfg.get("lora") or {}, "lora")
+    check_quantize(cfg, at_run_time=check_paths)
     # resolved first: the data group's interpolations (${data.root}/...) refer to the root config
     structured(DataConfig, OmegaConf.to_container(cfg.data, resolve=True), "data")
     _validate_model(cfg.model)
@@ -355,6 +414,9 @@ def _validate_paths(cfg: Mapping, stage: str) -> None:
             f"{init_from} is not a folder; a hub id is not downloaded here: download it (e.g. `hf download "
             f"{init_from} --local-dir DIR`), then for a released MoE-LLaVA checkpoint run "
             "`moe-llava model convert DIR DST` and use DST",
+            not (Path(init_from) / ADAPTER_CONFIG).is_file() or (Path(init_from) / "config.json").is_file(),
+            "init_from",
+            f"{init_from} {ADAPTERS_ONLY}",
         )
         _check(
             (Path(init_from) / "config.json").is_file(),
@@ -369,6 +431,11 @@ def _validate_paths(cfg: Mapping, stage: str) -> None:
     elif previous_stage(stage):
         prev = previous_stage(stage)
         export = Path(cfg["run_dir"]) / prev / "export"
+        _check(
+            not (export / ADAPTER_CONFIG).is_file() or (export / "config.json").is_file(),
+            "init_from",
+            f"{stage} starts from {prev}'s export {export}, which {ADAPTERS_ONLY}; or set init_from",
+        )
         _check(
             (export / "config.json").is_file(),
             "init_from",

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from moe_llava.model.moe.experts import Experts, grouped_mm_function
+from moe_llava.model.moe.experts import Experts, grouped_layout, grouped_mm_function
 from moe_llava.model.moe.router import RouterStats, Routing, TopKRouter
 
 EXPERT_PATHS = ("auto", "loop", "grouped_mm")
@@ -93,12 +93,21 @@ class SparseMoeBlock(nn.Module):
         self.padding_mask: torch.Tensor | None = None
         self.modality_mask: torch.Tensor | None = None
         self._latest = _LatestForward()
-        self._auto_grouped = (
-            expert_path == "auto"
+        self._auto_grouped = self._grouped_by_auto()
+
+    def _grouped_by_auto(self) -> bool:
+        return (
+            self.expert_path == "auto"
             and self.experts.layout is not None
             and grouped_mm_function() is not None
             and self.experts.aligned_for_grouped_mm()
         )
+
+    def refresh_expert_layout(self) -> None:
+        """Re-detect the experts' layout after their children were replaced (LoRA-wrapped linears
+        have none: the loop path runs them; merged back, the grouped path can again)."""
+        self.experts.layout = grouped_layout(list(self.experts))
+        self._auto_grouped = self._grouped_by_auto()
 
     @classmethod
     def from_dense(
