@@ -145,7 +145,7 @@ class Terminated(KeyboardInterrupt):
     """The process got SIGTERM while a tracked run was open (ends the run ``KILLED``, like Ctrl-C)."""
 
 
-class user_errors:  # noqa: N801 - used like a function: `with user_errors("moe-llava train"):`
+class user_errors:  # lower case: used like a function, `with user_errors("moe-llava train"):`
     """The one way an entry point reports what the user can fix; a context manager.
 
     A :class:`UserError` inside the block is printed as ``<prog>: error: <message>`` (``config error``

@@ -28,9 +28,7 @@ from moe_llava.pretrain.lit import PretrainModule
 from moe_llava.tracking import (
     TrackedRun,
     bound_http_retries,
-    data_hash,
-    git_commit,
-    lock_hash,
+    provenance_tags,
     start_stage_run,
     tracking_uri,
 )
@@ -170,12 +168,7 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
         logger_cfg=cfg.logger,
         resume=False,
         parent_run_id=cfg.get("parent_run_id"),
-        tags={
-            "stage": "backbones",
-            "git_commit": git_commit(),
-            "data_hash": data_hash(),
-            "lock_hash": lock_hash(),
-        },
+        tags={"stage": "backbones", **provenance_tags()},
     )
     with run:  # FINISHED, or KILLED / FAILED with the error
         run.log_config(OmegaConf.to_container(cfg.backbones), OmegaConf.to_yaml(cfg.backbones))

@@ -38,7 +38,7 @@ def register_export(
     """
     import mlflow
 
-    from moe_llava.tracking import TrackedRun, data_hash, git_commit, lock_hash, resolve_parent
+    from moe_llava.tracking import TrackedRun, provenance_tags, resolve_parent
 
     settings = settings or RegistrySettings()
     export_dir = resolve_export_dir(model_dir)
@@ -78,9 +78,7 @@ def register_export(
                 config_text[:MAX_CONFIG_TAG] + "\n# ... truncated: see the run artifact registry/config.yaml"
             )
         tags = {
-            "git_commit": run_tags.get("git_commit") or git_commit(),
-            "data_hash": run_tags.get("data_hash") or data_hash(),
-            "lock_hash": run_tags.get("lock_hash") or lock_hash(),
+            **provenance_tags(inherited=run_tags),
             "config": config_text,
             "source_run_id": run_id,
             "source_export": str(export_dir.resolve()),
