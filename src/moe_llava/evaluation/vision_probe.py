@@ -29,6 +29,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from moe_llava.data.images import ImageTransform, open_image, resolve_image_path
+from moe_llava.errors import UserError
 from moe_llava.evaluation.pope import POPE_SPLITS
 from moe_llava.model.builder import build_image_processor, build_vision_tower
 from moe_llava.pretrain.vision import ObjectHead
@@ -72,10 +73,10 @@ def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
+                raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
             missing = [key for key in keys if key not in record] if isinstance(record, dict) else list(keys)
             if missing:
-                raise ValueError(f"{path}:{line_number}: record lacks field(s) {missing}")
+                raise UserError(f"{path}:{line_number}: record lacks field(s) {missing}")
             records.append(record)
     return records
 
@@ -153,7 +154,7 @@ def run_probe(
     for split, split_questions in questions.items():
         unknown = [q["question_id"] for q in split_questions if q["image"] not in test_row]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{root / f'pope_{split}.jsonl'}: questions {unknown[:5]} ask about images missing from "
                 f"{root / 'annotations_test.jsonl'}"
             )

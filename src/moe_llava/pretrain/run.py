@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_llava.atomic import write_dir
 from moe_llava.data.config import tokenizer_from_config
+from moe_llava.errors import ConfigError
 from moe_llava.model.builder import build_language_model
 from moe_llava.pretrain import language, vision
 from moe_llava.pretrain.lit import PretrainModule
@@ -110,7 +111,9 @@ def pretrain_language(cfg: DictConfig, out_dir: Path, run: TrackedRun) -> dict[s
     started = time.perf_counter()
     tokenizer = tokenizer_from_config(cfg.data)
     if tokenizer is None:
-        raise ValueError("backbones.language: needs data.tokenizer (the tokenizer the LM is pretrained with)")
+        raise ConfigError(
+            "backbones.language", "needs data.tokenizer (the tokenizer the LM is pretrained with)"
+        )
     max_length = int(cfg.data.max_length)
 
     def samples(files) -> list:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moe_llava.errors import UserError
 from moe_llava.registry.gate import load_metrics, numeric_metrics
 from moe_llava.registry.model import log_pyfunc_model, resolve_export_dir
 from moe_llava.registry.registry import ModelRegistry, RegistrationResult
@@ -51,7 +52,7 @@ def register_export(
         run_context: Any = contextlib.nullcontext(active)  # the caller's run: the caller ends it
     elif run_id is not None:
         if active is not None:
-            raise ValueError(f"run {active.info.run_id} is active; cannot log into run {run_id} as well")
+            raise UserError(f"run {active.info.run_id} is active; cannot log into run {run_id} as well")
         run_context = TrackedRun.start(uri=uri, resume_run_id=run_id)
     else:
         run_context = TrackedRun.start(
@@ -119,6 +120,6 @@ def _config_text(config: Mapping[str, Any] | str | Path | None, run_id: str) -> 
     path = Path(config)
     if isinstance(config, Path) or (len(str(config)) < 4096 and "\n" not in str(config)):
         if not path.is_file():
-            raise ValueError(f"config: {path} does not exist")
+            raise UserError(f"config: {path} does not exist")
         return path.read_text()
     return str(config)
