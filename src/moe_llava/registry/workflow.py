@@ -39,7 +39,7 @@ def register_export(
     """
     import mlflow
 
-    from moe_llava.tracking import TrackedRun, provenance_tags, resolve_parent
+    from moe_llava.tracking import PROVENANCE_KEYS, TrackedRun, provenance_tags, resolve_parent
 
     settings = settings or RegistrySettings()
     export_dir = resolve_export_dir(model_dir)
@@ -89,7 +89,7 @@ def register_export(
         result = registry.register(
             model_info.model_uri, metrics, run_id=run_id, tags=tags, apply_gate=apply_gate
         )
-        provenance = {k: tags[k] for k in ("git_commit", "data_hash", "lock_hash") if tags[k]}
+        provenance = {k: tags[k] for k in PROVENANCE_KEYS if tags[k]}
         mlflow.set_tags(
             {
                 **provenance,  # the run says what the version was built from, as the version does

@@ -31,6 +31,7 @@ _EXPORTS = {
     "short_error": "moe_llava.tracking.server",
     "tracking_uri": "moe_llava.tracking.server",
     "LOCK_FILE": "moe_llava.tracking.provenance",
+    "PROVENANCE_KEYS": "moe_llava.tracking.provenance",
     "data_hash": "moe_llava.tracking.provenance",
     "git_commit": "moe_llava.tracking.provenance",
     "lock_hash": "moe_llava.tracking.provenance",

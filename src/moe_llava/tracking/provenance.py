@@ -25,7 +25,7 @@ def provenance_tags(
     it has wins over this checkout's. A value that is not known is None (left out of a run's tags).
     """
     inherited = inherited or {}
-    tags: dict[str, str | None] = {
+    tags: dict[str, str | None] = {  # the PROVENANCE_KEYS
         "git_commit": inherited.get("git_commit") or git_commit(),
         "data_hash": inherited.get("data_hash") or data_hash(),
         "lock_hash": inherited.get("lock_hash") or lock_hash(),
