@@ -1,7 +1,7 @@
 """The package's exceptions, all in one place.
 
 Every error a user can fix is a :class:`UserError` (a ``ValueError``), which every entry point
-(:func:`user_errors`: ``moe-llava``, ``python -m moe_llava.pretrain``) reports as one line, exit 2;
+(:class:`user_errors`: ``moe-llava``, ``python -m moe_llava.pretrain``) reports as one line, exit 2;
 any other exception (a bug, in this package or in torch) keeps its traceback:
 
 * :class:`ConfigError`: an invalid configuration value; the message starts with the key;
@@ -13,7 +13,7 @@ any other exception (a bug, in this package or in torch) keeps its traceback:
 
 :class:`WriteFailed` (an ``OSError``): writing an output (a checkpoint, an export) failed part-way,
 disk full or an I/O error; the message names the path and the cause, and the previous output there
-is unchanged (:mod:`moe_llava.atomic`).
+is unchanged (:mod:`moe_llava.atomic`); :func:`user_errors` reports it as one line, exit 1.
 
 :class:`TrackingUnavailable`: the MLflow tracking server did not answer (a user error too: the
 fix is to start it or to point the tracking URI elsewhere); :class:`RegistryBusy`: another process
