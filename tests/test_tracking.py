@@ -10,9 +10,10 @@ import time
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from moe_llava.errors import Terminated
-from moe_llava.tracking import PARENT_RUN_ENV, PARENT_TAG, TrackedRun, lock_hash, resolve_parent
+from moe_llava.tracking import PARENT_RUN_ENV, TrackedRun, lock_hash, provenance_tags, resolve_parent
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_nested_under_a_parent_and_resumed(logger_cfg, uri, monkeypatch):
             child.log_params({"lr": 1})
         assert _status(uri, parent.run_id) == "RUNNING"  # a child ending leaves the parent open
     client = MlflowClient(uri)
-    assert client.get_run(child.run_id).data.tags[PARENT_TAG] == parent.run_id
+    assert client.get_run(child.run_id).data.tags[MLFLOW_PARENT_RUN_ID] == parent.run_id
     assert _status(uri, parent.run_id) == "FINISHED"
 
     with TrackedRun.start(uri=uri, resume_run_id=child.run_id) as again:
@@ -165,3 +166,32 @@ def test_lock_hash_is_the_sha256_of_the_lock_file_or_absent(tmp_path, monkeypatc
     assert lock_hash() == "absent"
     (tmp_path / "requirements.lock").write_text("torch==2.13.0 \\\n    --hash=sha256:00\n")
     assert lock_hash() == hashlib.sha256(b"torch==2.13.0 \\\n    --hash=sha256:00\n").hexdigest()
+
+
+def test_more_params_and_metrics_than_one_mlflow_batch_holds(logger_cfg, uri):
+    """MlflowClient.log_batch splits what it is given into MLflow's batches (100 params, 1000 metrics)."""
+    params = {"p": {str(i): i for i in range(250)}, "long": "x" * 7000}
+    metrics = {f"m{i}": float(i) for i in range(1500)}
+    with TrackedRun.start(run_name="s", experiment_name="exp", logger_cfg=logger_cfg, fluent=False) as run:
+        run.log_params(params)
+        run.log_metrics(metrics, step=2)
+    logged = MlflowClient(uri).get_run(run.run_id).data
+    assert len(logged.params) == 251 and logged.params["p.249"] == "249"
+    assert len(logged.params["long"]) == 6000 and logged.params["long"].endswith("...")  # MLflow's limit
+    assert logged.metrics == metrics
+
+
+def test_provenance_tags_are_one_set_for_every_run(tmp_path, monkeypatch):
+    class Model:
+        def __init__(self, moe):
+            self.is_moe, self.config = moe is not None, type("Config", (), {"moe": moe})
+
+    monkeypatch.chdir(tmp_path)  # no git checkout, no data.dvc, no lock here
+    monkeypatch.setattr("moe_llava.tracking.provenance.git_commit", lambda: "c0ffee")
+    assert provenance_tags() == {"git_commit": "c0ffee", "data_hash": None, "lock_hash": "absent"}
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc.dir\n  path: data\n")
+    assert provenance_tags(Model({"num_experts": 4}))["moe"] == '{"num_experts": 4}'
+    assert provenance_tags(Model(None))["data_hash"] == "abc.dir"
+    assert provenance_tags(Model(None))["moe"] == "dense"
+    inherited = provenance_tags(inherited={"git_commit": "1234", "lock_hash": "l0ck"})
+    assert inherited == {"git_commit": "1234", "data_hash": "abc.dir", "lock_hash": "l0ck"}

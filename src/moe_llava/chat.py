@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from moe_llava.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -80,7 +82,7 @@ def _chat(args: argparse.Namespace) -> int:
     from moe_llava.registry.model import local_export
 
     if args.image is not None and not Path(args.image).is_file():
-        raise ValueError(f"--image: {args.image} does not exist")
+        raise UserError(f"--image: {args.image} does not exist")
     kwargs: dict[str, Any] = {"device": args.device}
     if args.max_new_tokens is not None:
         kwargs["max_new_tokens"] = args.max_new_tokens

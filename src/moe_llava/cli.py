@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from moe_llava.errors import user_errors
+
 # group name -> module exposing `register(subparsers) -> None`
 COMMAND_GROUPS: dict[str, str] = {
     "model": "moe_llava.model.cli",
@@ -35,11 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with user_errors("moe-llava", exit=False) as failed:  # a user error: one line; a bug: its traceback
         return int(args.func(args) or 0)
-    except ValueError as err:  # configuration / input errors: one clear line, no traceback
-        print(f"moe-llava: error: {err}", file=sys.stderr)
-        return 2
+    return failed.code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The package's exceptions, all in one place.
 
-Every error a user can fix is a ``ValueError`` subclass, so the ``moe-llava`` commands report it as
-one clear line (exit 2) instead of a traceback:
+Every error a user can fix is a :class:`UserError` (a ``ValueError``), which every entry point
+(:class:`user_errors`: ``moe-llava``, ``python -m moe_llava.pretrain``) reports as one line, exit 2;
+any other exception (a bug, in this package or in torch) keeps its traceback:
 
 * :class:`ConfigError`: an invalid configuration value; the message starts with the key;
 * :class:`DataError` and its kinds (:class:`ManifestError`, :class:`TemplateError`,
@@ -12,9 +13,9 @@ one clear line (exit 2) instead of a traceback:
 
 :class:`WriteFailed` (an ``OSError``): writing an output (a checkpoint, an export) failed part-way,
 disk full or an I/O error; the message names the path and the cause, and the previous output there
-is unchanged (:mod:`moe_llava.atomic`).
+is unchanged (:mod:`moe_llava.atomic`); :func:`user_errors` reports it as one line, exit 1.
 
-:class:`TrackingUnavailable`: the MLflow tracking server did not answer (a ``ValueError`` too: the
+:class:`TrackingUnavailable`: the MLflow tracking server did not answer (a user error too: the
 fix is to start it or to point the tracking URI elsewhere); :class:`RegistryBusy`: another process
 holds the registry's lock for longer than the wait allows.
 
@@ -25,10 +26,15 @@ is ended ``KILLED`` like on Ctrl-C.
 from __future__ import annotations
 
 import errno
+import sys
 from pathlib import Path
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """An error the user can fix (a config value, an input file, a server to start): one line, exit 2."""
+
+
+class ConfigError(UserError):
     """An invalid configuration value; the message starts with the key."""
 
     def __init__(self, key: str, message: str):
@@ -48,7 +54,7 @@ def where(file: str | Path | None = None, record: str | int | None = None, field
     return ": ".join(parts)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with input data or data configuration."""
 
     def __init__(
@@ -92,7 +98,7 @@ class EvalFileError(DataError):
         ValueError.__init__(self, ": ".join([*parts, message]))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model folder or weights file that is not a loadable MoE-LLaVA export; the message names the file."""
 
     def __init__(self, message: str, *, file: str | Path) -> None:
@@ -123,7 +129,7 @@ class WriteFailed(OSError):
         )
 
 
-class TrackingUnavailable(ValueError):
+class TrackingUnavailable(UserError):
     """The MLflow tracking server at a URI did not answer; the message names the URI and the fix."""
 
     def __init__(self, uri: str, message: str):
@@ -131,9 +137,38 @@ class TrackingUnavailable(ValueError):
         self.uri = uri
 
 
-class RegistryBusy(ValueError):
+class RegistryBusy(UserError):
     """Another process held the registry's lock for longer than the wait allows; names the lock and its holder."""
 
 
 class Terminated(KeyboardInterrupt):
     """The process got SIGTERM while a tracked run was open (ends the run ``KILLED``, like Ctrl-C)."""
+
+
+class user_errors:  # lower case: used like a function, `with user_errors("moe-llava train"):`
+    """The one way an entry point reports what the user can fix; a context manager.
+
+    A :class:`UserError` inside the block is printed as ``<prog>: error: <message>`` (``config error``
+    for a :class:`ConfigError`) and the process exits 2; a :class:`WriteFailed` as ``<prog>: <message>``,
+    exit 1. Any other exception propagates with its traceback. ``exit=False`` (a ``main`` that returns
+    its exit code, like ``moe-llava``'s): the error is swallowed and the code kept in :attr:`code`.
+    """
+
+    def __init__(self, prog: str, *, exit: bool = True) -> None:
+        self.prog, self.exit, self.code = prog, exit, 0
+
+    def __enter__(self) -> user_errors:
+        return self
+
+    def __exit__(self, exc_type, err, traceback) -> bool:
+        if isinstance(err, WriteFailed):  # disk full, I/O error: the path and the cause
+            self.code, line = 1, f"{self.prog}: {err}"
+        elif isinstance(err, UserError):
+            kind = "config error" if isinstance(err, ConfigError) else "error"
+            self.code, line = 2, f"{self.prog}: {kind}: {err}"
+        else:
+            return False
+        print(line, file=sys.stderr)
+        if self.exit:
+            raise SystemExit(self.code) from None
+        return True

@@ -25,6 +25,7 @@ from PIL import Image
 
 from moe_llava.constants import IMAGE_TOKEN
 from moe_llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageIssue, read_image
+from moe_llava.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -116,7 +117,7 @@ def generate_answers(
                 on_batch(batch)
             for qid, length in zip(batch["ids"], batch["attention_mask"].sum(1).tolist()):
                 if context is not None and length + max_new_tokens > context:
-                    raise ValueError(
+                    raise UserError(
                         f"{qid}: the prompt ({length} tokens, image tokens included) plus max_new_tokens "
                         f"({max_new_tokens}) exceeds the model's context of {context} tokens"
                     )
@@ -167,7 +168,7 @@ class Answerer:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+            raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.loaded = loaded
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = batch_size
@@ -219,11 +220,11 @@ def normalize_image(
         return bytes(image)
     if isinstance(image, Path) and paths:
         if not image.is_file():
-            raise ValueError(f"{label}: image file not found: {image}")
+            raise UserError(f"{label}: image file not found: {image}")
         _check_bytes(image.stat().st_size, label, max_bytes)
         return str(image)
     if not isinstance(image, str):
-        raise ValueError(
+        raise UserError(
             f"{label}: image must be a path, PIL image, bytes or base64 text, got {type(image).__name__}"
         )
     text = image.strip()
@@ -238,12 +239,12 @@ def normalize_image(
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         expected = "an existing file or base64-encoded image data" if paths else "base64-encoded image data"
-        raise ValueError(f"{label}: image {text[:60]!r} is not {expected}") from None
+        raise UserError(f"{label}: image {text[:60]!r} is not {expected}") from None
 
 
 def _check_bytes(size: int, label: str, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
-        raise ValueError(f"{label}: image data of about {size} bytes exceeds the limit of {max_bytes} bytes")
+        raise UserError(f"{label}: image data of about {size} bytes exceeds the limit of {max_bytes} bytes")
 
 
 def _store_image(
@@ -274,7 +275,7 @@ def _store_image(
             )
         image.convert("RGB").save(folder / stored)
     except ImageIssue as issue:
-        raise ValueError(f"{label}: {issue.detail}") from None
+        raise UserError(f"{label}: {issue.detail}") from None
     except OSError as err:
-        raise ValueError(f"{label}: the image cannot be stored ({err})") from None
+        raise UserError(f"{label}: the image cannot be stored ({err})") from None
     return stored

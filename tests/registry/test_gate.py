@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
+from moe_llava.errors import ConfigError
+from moe_llava.paths import CONF_DIR
 from moe_llava.registry.gate import GateSettings, decide, load_metrics
+from moe_llava.registry.model import PyfuncSettings
+from moe_llava.registry.settings import RegistryConfig, RegistrySettings
 
 F1 = "pope/mean_f1"
 
@@ -78,3 +83,27 @@ def test_load_metrics_from_dict_or_file_flattens_nested(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         load_metrics(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    ("registry", "message"),
+    [
+        ({"gate": {"min_margin": -0.1}}, "registry.gate.min_margin: must be a finite number >= 0, got -0.1"),
+        ({"gate": {"direction": "up"}}, "registry.gate.direction: expected one of ['maximize', 'minimize']"),
+        ({"gate": {"metrc": "x", "dirction": "max"}}, "registry.gate: unknown keys ['dirction', 'metrc']"),
+        ({"pyfunc": {"max_rows": 0}}, "registry.pyfunc.max_rows: must be an integer >= 1, got 0"),
+        ({"model": "x"}, "registry: unknown keys ['model']"),
+    ],
+)
+def test_registry_config_errors_name_the_key(registry, message):
+    with pytest.raises(ConfigError) as err:
+        RegistrySettings.from_config({"registry": registry})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_the_settings_defaults_are_the_config_groups():
+    composed = yaml.safe_load((CONF_DIR / "registry" / "default.yaml").read_text())
+    assert RegistryConfig.of(composed) == RegistryConfig()  # the classes' defaults repeat no other value
+    settings = RegistrySettings.from_config({"registry": {**composed, "gate": None}})
+    assert settings.gate == GateSettings() and isinstance(settings.pyfunc, PyfuncSettings)
+    assert settings.with_overrides(min_margin=0.5).gate.min_margin == 0.5

@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from pydantic import ValidationError
 
 from moe_llava.errors import ConfigError
 from moe_llava.registry.io import decode_image
-from moe_llava.registry.model import checked_pyfunc_config, export_in_logged_model, resolve_export_dir
+from moe_llava.registry.model import PyfuncSettings, export_in_logged_model, resolve_export_dir
 from tests.conftest import png_bomb
 from tests.registry.conftest import MAX_NEW_TOKENS, image_base64
 
@@ -189,9 +190,19 @@ def test_bad_requests_are_invalid_parameter_errors_naming_the_row(pyfunc, images
         ({"max_rows": 0}, "registry.pyfunc.max_rows: must be an integer >= 1, got 0"),
         ({"max_image_bytes": "10MB"}, "registry.pyfunc.max_image_bytes: must be an integer >= 1"),
         ({"image_folder": 3}, "registry.pyfunc.image_folder: must be a path or null, got 3"),
+        ({"batch_size": True}, "registry.pyfunc.batch_size: must be an integer >= 1, got True"),
+        ({"device": 0}, "registry.pyfunc.device: input should be a valid string, got 0"),
     ],
 )
 def test_pyfunc_config_errors_name_the_key(config, key):
     with pytest.raises(ConfigError) as err:
-        checked_pyfunc_config(config)
+        PyfuncSettings.of(config)
     assert str(err.value).startswith(key)
+
+
+def test_pyfunc_settings_are_typed_with_the_defaults_of_the_config_group():
+    settings = PyfuncSettings.of({"max_rows": 4})
+    assert settings.max_rows == 4 and settings.batch_size == 8 and settings.image_folder is None
+    assert PyfuncSettings.of(settings) is settings  # a checked section is passed on as is
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.max_rows = 5

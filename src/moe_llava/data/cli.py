@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from moe_llava.errors import UserError
+
 DEFAULT_SHAPESWORLD_DIR = "data/shapesworld"
 
 
@@ -158,12 +160,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if isinstance(loaded, dict) and isinstance(loaded.get("generator"), dict):
             loaded = loaded["generator"]
         if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of ShapesWorld settings")
+            raise UserError(f"{args.config}: expected a mapping of ShapesWorld settings")
         values.update(loaded)
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         values[key.strip()] = _parse_value(value)
     config = ShapesWorldConfig.from_any(values)
     summary = generate_shapesworld(args.out, config, progress=not args.no_progress)

@@ -12,7 +12,6 @@ Outputs, under ``<run_dir>/<stage>/eval/`` (or ``evaluation.output_dir``)::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -252,8 +251,9 @@ def start_eval_run(cfg: DictConfig, stage: str, stage_dir: Path, tags: Mapping[s
     (an arbitrary ``evaluation.model_dir``) it is a top-level run of ``experiment_name``.
     """
     from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from moe_llava.tracking import PARENT_TAG, get_run, resolve_parent, tracking_uri
+    from moe_llava.tracking import get_run, resolve_parent, tracking_uri
 
     uri = tracking_uri(cfg.logger)
     id_file = stage_dir / RUN_ID_FILE
@@ -269,7 +269,7 @@ def start_eval_run(cfg: DictConfig, stage: str, stage_dir: Path, tags: Mapping[s
         uri=uri,
         tags=tags,
         parent_run_id=resolve_parent(cfg.get("parent_run_id"))
-        or (training_run.data.tags.get(PARENT_TAG) if training_run else None),
+        or (training_run.data.tags.get(MLFLOW_PARENT_RUN_ID) if training_run else None),
     )
 
 
@@ -278,7 +278,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     model URI such as ``models:/moe-llava@champion``); returns the flat metrics."""
     from moe_llava.inference import load_pretrained
     from moe_llava.registry.model import URI_SCHEMES, local_export
-    from moe_llava.tracking import data_hash, git_commit, lock_hash, require_server, tracking_uri
+    from moe_llava.tracking import provenance_tags, require_server, tracking_uri
 
     requested = str(cfg.evaluation.get("model_dir") or "")
     if cfg.evaluation.get("mlflow", True) or requested.startswith(URI_SCHEMES):  # before any work
@@ -318,11 +318,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         tags = {
             "stage": stage,
             "evaluation": "true",
-            "git_commit": git_commit(),
-            "data_hash": data_hash(),
-            "lock_hash": lock_hash(),
             "model_dir": str(model_dir.resolve()),
-            "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
+            **provenance_tags(model),
         }
         run = start_eval_run(cfg, stage, stage_dir, tags)
     with run:  # FINISHED, or KILLED / FAILED with the error

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from moe_llava.errors import UserError
 from moe_llava.paths import CONF_DIR
 
 
@@ -14,6 +15,6 @@ def available_recipes() -> list[str]:
 
 def load_recipe(name: str, overrides: list[str] | None = None) -> DictConfig:
     if name not in available_recipes():
-        raise ValueError(f"unknown model recipe model={name!r}; available: {available_recipes()}")
+        raise UserError(f"unknown model recipe model={name!r}; available: {available_recipes()}")
     with initialize_config_dir(config_dir=str(CONF_DIR / "model"), version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])

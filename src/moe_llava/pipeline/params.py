@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from moe_llava.config import compose_config
+from moe_llava.errors import UserError
 
 STAGES = ("stage1", "stage2", "stage3")
 PARAMS_DIR = Path("params")  # of the project being run: DVC and the flow run from its root
@@ -36,7 +37,7 @@ HYDRA_SETTINGS = {
 def compose_stage(stage: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``python -m moe_llava.train stage=<stage> <overrides>`` runs with, resolved."""
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        raise UserError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     return compose_config([*overrides, f"stage={stage}"])
 
 

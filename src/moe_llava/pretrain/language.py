@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from moe_llava.constants import IMAGE_TOKEN
 from moe_llava.data.manifest import iter_entries
 from moe_llava.data.templates import TemplateError, get_template
+from moe_llava.errors import UserError
 
 
 def text_samples(path: Path, template: str, tokenizer, max_length: int) -> list[torch.Tensor]:
@@ -25,10 +26,10 @@ def text_samples(path: Path, template: str, tokenizer, max_length: int) -> list[
         record = entry.record
         where = f"{path}:{entry.line} (record {entry.index})"
         if entry.error is not None:
-            raise ValueError(f"{where}: {entry.error}")
+            raise UserError(f"{where}: {entry.error}")
         conversations = record.get("conversations") if isinstance(record, dict) else None
         if not isinstance(conversations, list):
-            raise ValueError(f"{where}: field 'conversations' must be a list of turns")
+            raise UserError(f"{where}: field 'conversations' must be a list of turns")
         turns = [
             {**turn, "value": str(turn.get("value", "")).replace(IMAGE_TOKEN, "").strip()}
             for turn in conversations
@@ -37,10 +38,10 @@ def text_samples(path: Path, template: str, tokenizer, max_length: int) -> list[
         try:
             ids = get_template(template).encode(turns, tokenizer).input_ids
         except TemplateError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise UserError(f"{where}: {err}") from None
         samples.append(torch.tensor(ids[:max_length]))
     if not samples:
-        raise ValueError(f"{path}: no conversations")
+        raise UserError(f"{path}: no conversations")
     return samples
 
 

@@ -22,15 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_llava.atomic import write_dir
 from moe_llava.data.config import tokenizer_from_config
+from moe_llava.errors import ConfigError
 from moe_llava.model.builder import build_language_model
 from moe_llava.pretrain import language, vision
 from moe_llava.pretrain.lit import PretrainModule
 from moe_llava.tracking import (
     TrackedRun,
     bound_http_retries,
-    data_hash,
-    git_commit,
-    lock_hash,
+    provenance_tags,
     start_stage_run,
     tracking_uri,
 )
@@ -112,7 +111,9 @@ def pretrain_language(cfg: DictConfig, out_dir: Path, run: TrackedRun) -> dict[s
     started = time.perf_counter()
     tokenizer = tokenizer_from_config(cfg.data)
     if tokenizer is None:
-        raise ValueError("backbones.language: needs data.tokenizer (the tokenizer the LM is pretrained with)")
+        raise ConfigError(
+            "backbones.language", "needs data.tokenizer (the tokenizer the LM is pretrained with)"
+        )
     max_length = int(cfg.data.max_length)
 
     def samples(files) -> list:
@@ -170,12 +171,7 @@ def run_backbones(cfg: DictConfig) -> dict[str, Any]:
         logger_cfg=cfg.logger,
         resume=False,
         parent_run_id=cfg.get("parent_run_id"),
-        tags={
-            "stage": "backbones",
-            "git_commit": git_commit(),
-            "data_hash": data_hash(),
-            "lock_hash": lock_hash(),
-        },
+        tags={"stage": "backbones", **provenance_tags()},
     )
     with run:  # FINISHED, or KILLED / FAILED with the error
         run.log_config(OmegaConf.to_container(cfg.backbones), OmegaConf.to_yaml(cfg.backbones))

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from moe_llava.data.images import ImageIssue, ImageTransform, open_image, resolve_image_path
 from moe_llava.data.manifest import iter_entries
+from moe_llava.errors import UserError
 from moe_llava.model.builder import build_image_processor, build_vision_tower
 
 
@@ -33,18 +34,18 @@ def read_annotations(path: Path, image_folder: Path) -> tuple[list[Path], list[l
         record = entry.record
         where = f"{path}:{entry.line} (record {entry.index})"
         if entry.error is not None:
-            raise ValueError(f"{where}: {entry.error}")
+            raise UserError(f"{where}: {entry.error}")
         if not isinstance(record, dict) or "image" not in record or "objects" not in record:
-            raise ValueError(f"{where}: an annotation needs fields 'image' and 'objects'")
+            raise UserError(f"{where}: an annotation needs fields 'image' and 'objects'")
         try:
             paths.append(resolve_image_path(image_folder, record["image"]))
             names.append([str(obj["name"]) for obj in record["objects"]])
         except (KeyError, TypeError):
-            raise ValueError(f"{where}: field 'objects' must be a list of objects with a 'name'") from None
+            raise UserError(f"{where}: field 'objects' must be a list of objects with a 'name'") from None
         except ImageIssue as err:
-            raise ValueError(f"{where}: field 'image': {err}") from None
+            raise UserError(f"{where}: field 'image': {err}") from None
     if not paths:
-        raise ValueError(f"{path}: no annotations")
+        raise UserError(f"{path}: no annotations")
     return paths, names
 
 
@@ -56,7 +57,7 @@ def load_images(paths: list[Path], transform: ImageTransform, batch: int = 256) 
             try:
                 images.append(open_image(path))
             except ImageIssue as err:
-                raise ValueError(f"{path}: {err}") from None
+                raise UserError(f"{path}: {err}") from None
         out.append(transform(images))
     return torch.cat(out)
 

@@ -16,45 +16,51 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import field_validator
+
+from moe_llava.errors import UserError
+from moe_llava.schema import ConfigSection
 
 DIRECTIONS = {"maximize": 1.0, "minimize": -1.0}
 FLOAT_TOLERANCE = 1e-9
 DIRECTION_ALIASES = {"higher": "maximize", "max": "maximize", "lower": "minimize", "min": "minimize"}
 
 
-@dataclass(frozen=True)
-class GateSettings:
+class GateSettings(ConfigSection):
+    """``registry.gate``: the metric the gate compares, its direction and the margin to beat."""
+
+    KEY: ClassVar[str] = "registry.gate"
     metric: str = "pope/mean_f1"
-    direction: str = "maximize"
+    direction: Literal["maximize", "minimize"] = "maximize"
     min_margin: float = 0.0
 
-    def __post_init__(self) -> None:
-        direction = DIRECTION_ALIASES.get(str(self.direction).lower(), str(self.direction).lower())
-        if direction not in DIRECTIONS:
-            raise ValueError(
-                f"registry.gate.direction: expected one of {sorted(DIRECTIONS)}, got {self.direction!r}"
-            )
-        object.__setattr__(self, "direction", direction)
-        try:
-            margin = float(self.min_margin)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"registry.gate.min_margin: expected a number, got {self.min_margin!r}"
-            ) from None
-        if not math.isfinite(margin) or margin < 0:
-            raise ValueError(f"registry.gate.min_margin: must be a finite number >= 0, got {margin}")
-        object.__setattr__(self, "min_margin", margin)
-        if not self.metric:
-            raise ValueError("registry.gate.metric: must name a metric (e.g. pope/mean_f1)")
-
+    @field_validator("metric")
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> GateSettings:
-        values = dict(values or {})
-        unknown = set(values) - {"metric", "direction", "min_margin"}
-        if unknown:
-            raise ValueError(f"registry.gate: unknown keys {sorted(unknown)}")
-        return cls(**values)
+    def _names_a_metric(cls, metric: str) -> str:
+        if not metric:
+            raise ValueError("must name a metric (e.g. pope/mean_f1)")
+        return metric
+
+    @field_validator("direction", mode="before")
+    @classmethod
+    def _known_direction(cls, direction: Any) -> str:
+        name = DIRECTION_ALIASES.get(str(direction).lower(), str(direction).lower())
+        if name not in DIRECTIONS:
+            raise ValueError(f"expected one of {sorted(DIRECTIONS)}, got {direction!r}")
+        return name
+
+    @field_validator("min_margin", mode="before")
+    @classmethod
+    def _margin(cls, margin: Any) -> float:
+        try:
+            value = float(margin)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {margin!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"must be a finite number >= 0, got {value}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -147,13 +153,13 @@ def load_metrics(metrics: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     if isinstance(metrics, (str, Path)):
         path = Path(metrics)
         if not path.is_file():
-            raise ValueError(f"metrics: {path} does not exist (expected an evaluation's metrics.json)")
+            raise UserError(f"metrics: {path} does not exist (expected an evaluation's metrics.json)")
         try:
             metrics = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"metrics: {path} is not valid JSON ({err})") from None
+            raise UserError(f"metrics: {path} is not valid JSON ({err})") from None
     if not isinstance(metrics, Mapping):
-        raise ValueError(
+        raise UserError(
             f"metrics: expected a JSON object of metric name -> value, got {type(metrics).__name__}"
         )
     return _flatten(metrics)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from moe_llava.errors import UserError
+
 IMAGE_COLUMN = "image"
 PROMPT_COLUMN = "prompt"
 ANSWER_COLUMN = "answer"
@@ -31,7 +33,7 @@ def decode_image(
         try:
             path = resolve_image_path(image_folder, text)
         except ImageIssue as issue:
-            raise ValueError(f"{label}: {issue.detail}") from None
+            raise UserError(f"{label}: {issue.detail}") from None
         return normalize_image(path, label, max_bytes=max_bytes)
     return normalize_image(image, label, max_bytes=max_bytes, paths=False)
 
@@ -47,4 +49,4 @@ def as_frame(model_input: Any):
         return pd.DataFrame([model_input]) if scalar else pd.DataFrame(model_input)
     if isinstance(model_input, (list, tuple)):
         return pd.DataFrame(list(model_input))
-    raise ValueError(f"unsupported input type {type(model_input).__name__}: expected a table of rows")
+    raise UserError(f"unsupported input type {type(model_input).__name__}: expected a table of rows")

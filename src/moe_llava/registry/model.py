@@ -22,46 +22,50 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import yaml
+from pydantic import BeforeValidator
 
 import moe_llava
-from moe_llava.errors import ConfigError
+from moe_llava.errors import UserError
 from moe_llava.registry.io import ANSWER_COLUMN, EXPORT_ARTIFACT, IMAGE_COLUMN, PROMPT_COLUMN
+from moe_llava.schema import ConfigSection
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(moe_llava.__file__).resolve().parent
 MODEL_NAME_IN_RUN = "model"  # the logged model's name within its run
-DEFAULT_PYFUNC_CONFIG = {
-    "max_new_tokens": 32,  # default of the request parameter
-    "batch_size": 8,
-    "device": "auto",
-    # Request limits: a request over one is refused, naming the row (HTTP 400 when served).
-    "max_rows": 32,
-    "max_image_bytes": 10_000_000,  # encoded size of one image
-    "max_image_pixels": 16_000_000,  # width x height of one image, read from its header
-    "image_folder": None,  # a folder on the server whose images requests may name; None: data only
-}
-_POSITIVE_INTS = ("max_new_tokens", "batch_size", "max_rows", "max_image_bytes", "max_image_pixels")
 
 
-def checked_pyfunc_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``config`` over the defaults, checked: errors name the key (``registry.pyfunc.<key>``)."""
-    config = dict(config or {})
-    unknown = set(config) - set(DEFAULT_PYFUNC_CONFIG)
-    if unknown:
-        raise ConfigError("registry.pyfunc", f"unknown keys {sorted(unknown)}")
-    config = {**DEFAULT_PYFUNC_CONFIG, **config}
-    for key in _POSITIVE_INTS:
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"registry.pyfunc.{key}", f"must be an integer >= 1, got {value!r}")
-    if config["image_folder"] is not None and not isinstance(config["image_folder"], str):
-        raise ConfigError(
-            "registry.pyfunc.image_folder", f"must be a path or null, got {config['image_folder']!r}"
-        )
-    return config
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _path_or_none(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"must be a path or null, got {value!r}")
+    return value
+
+
+PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+
+
+class PyfuncSettings(ConfigSection):
+    """``registry.pyfunc`` (defaults in ``conf/registry/default.yaml``): what the pyfunc model is logged
+    with, its ``model_config``. A request over one of the limits is refused, naming the row (HTTP 400
+    when served)."""
+
+    KEY: ClassVar[str] = "registry.pyfunc"
+    max_new_tokens: PositiveInt = 32  # default of the request parameter
+    batch_size: PositiveInt = 8
+    device: str = "auto"
+    max_rows: PositiveInt = 32
+    max_image_bytes: PositiveInt = 10_000_000  # encoded size of one image
+    max_image_pixels: PositiveInt = 16_000_000  # width x height of one image, read from its header
+    # a folder on the server whose images requests may name; None: data only
+    image_folder: Annotated[str | None, BeforeValidator(_path_or_none)] = None
 
 
 # Third-party distributions the pyfunc model imports (the moe_llava code travels in code/).
@@ -132,7 +136,7 @@ def resolve_export_dir(model_dir: str | Path) -> Path:
     elif (path / "MLmodel").is_file():
         export = export_in_logged_model(path)
     else:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a model export (no config.json), a stage folder (no export/) "
             f"or an MLflow model (no MLmodel)"
         )
@@ -148,7 +152,7 @@ def export_in_logged_model(model_path: str | Path) -> Path:
     artifact = (pyfunc.get("artifacts") or {}).get(EXPORT_ARTIFACT) or {}
     relative = artifact.get("path")
     if not relative or not (model_path / relative / "config.json").is_file():
-        raise ValueError(f"{model_path} is an MLflow model without a MoE-LLaVA export artifact")
+        raise UserError(f"{model_path} is an MLflow model without a MoE-LLaVA export artifact")
     return model_path / relative
 
 
@@ -156,7 +160,7 @@ def log_pyfunc_model(
     export_dir: str | Path,
     *,
     name: str = MODEL_NAME_IN_RUN,
-    pyfunc_config: Mapping[str, Any] | None = None,
+    pyfunc_config: PyfuncSettings | Mapping[str, Any] | None = None,
     registered_model_name: str | None = None,
 ):
     """Log ``export_dir`` as the pyfunc model of the active MLflow run; returns MLflow's ``ModelInfo``.
@@ -167,7 +171,7 @@ def log_pyfunc_model(
     import mlflow
 
     export_dir = resolve_export_dir(export_dir)
-    config = checked_pyfunc_config(pyfunc_config)
+    config = PyfuncSettings.of(pyfunc_config)
     with tempfile.TemporaryDirectory(prefix="moe-llava-model-") as staging:
         # Stage under the name `export`, so the logged model reads artifacts/export whatever the
         # source folder is called; only the files the export needs (no stray caches).
@@ -182,8 +186,8 @@ def log_pyfunc_model(
             python_model=str(PYFUNC_MODEL_FILE),
             artifacts={EXPORT_ARTIFACT: str(staged)},
             code_paths=[str(code / "moe_llava")],
-            model_config=config,
-            signature=signature(config["max_new_tokens"]),
+            model_config=config.model_dump(),
+            signature=signature(config.max_new_tokens),
             input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name,
@@ -223,9 +227,9 @@ def local_export(model: str, *, tracking_uri: str | None = None) -> Iterator[Pat
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=folder)
         except MlflowException as err:
-            raise ValueError(f"cannot load {model} from {uri}: {err.message}") from None
+            raise UserError(f"cannot load {model} from {uri}: {err.message}") from None
         try:
             export = resolve_export_dir(path)
         except ValueError as err:  # the message names the download folder: lead with the URI
-            raise ValueError(f"{model} is not a MoE-LLaVA model: {err}") from None
+            raise UserError(f"{model} is not a MoE-LLaVA model: {err}") from None
         yield export

@@ -38,17 +38,17 @@ class MoELlavaPyfunc(PythonModel):
         import torch
 
         from moe_llava.inference import Answerer
-        from moe_llava.registry.model import checked_pyfunc_config
+        from moe_llava.registry.model import PyfuncSettings
 
-        self.config = checked_pyfunc_config(context.model_config)
-        device = str(self.config["device"])
+        self.config = PyfuncSettings.of(context.model_config)
+        device = str(self.config.device)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.answerer = Answerer.from_pretrained(
             context.artifacts[EXPORT_ARTIFACT],
             device=device,
-            max_new_tokens=self.config["max_new_tokens"],
-            batch_size=self.config["batch_size"],
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
         )
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
@@ -69,24 +69,24 @@ class MoELlavaPyfunc(PythonModel):
                 f"input needs a {PROMPT_COLUMN!r} column (and optionally {IMAGE_COLUMN!r}); "
                 f"got columns {list(frame.columns)}"
             )
-        if len(frame) > config["max_rows"]:
-            raise ValueError(f"{len(frame)} rows in one request exceed the limit of {config['max_rows']}")
+        if len(frame) > config.max_rows:
+            raise ValueError(f"{len(frame)} rows in one request exceed the limit of {config.max_rows}")
         images = frame[IMAGE_COLUMN].tolist() if IMAGE_COLUMN in frame.columns else [None] * len(frame)
         questions = []
         for row, (image, prompt) in enumerate(zip(images, frame[PROMPT_COLUMN].tolist())):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"row {row}: prompt must be a non-empty string, got {prompt!r}")
             image = decode_image(
-                image, row, image_folder=config["image_folder"], max_bytes=config["max_image_bytes"]
+                image, row, image_folder=config.image_folder, max_bytes=config.max_image_bytes
             )
             questions.append((image, prompt))
         # A fresh Answerer per call shares the loaded weights and keeps concurrent requests
         # with different max_new_tokens independent.
         answerer = Answerer(
             self.answerer.loaded,
-            max_new_tokens=params.get("max_new_tokens", config["max_new_tokens"]),
-            batch_size=config["batch_size"],
-            max_image_pixels=config["max_image_pixels"],
+            max_new_tokens=params.get("max_new_tokens", config.max_new_tokens),
+            batch_size=config.batch_size,
+            max_image_pixels=config.max_image_pixels,
         )
         return answerer.answer(questions, names=[f"row {row}" for row in range(len(frame))])
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from moe_llava.errors import RegistryBusy
+from moe_llava.errors import RegistryBusy, UserError
 from moe_llava.registry.gate import GateDecision, GateSettings, decide, numeric_metrics
 
 CHAMPION = "champion"
@@ -259,12 +259,12 @@ class ModelRegistry:
         """The rollback itself (under the lock)."""
         history = self.champion_history()
         if not history:
-            raise ValueError(f"nothing to roll back: registered model {self.model_name!r} has no champion")
+            raise UserError(f"nothing to roll back: registered model {self.model_name!r} has no champion")
         current = history.pop()
         while history and not self._version_exists(history[-1]):
             history.pop()  # a deleted version cannot come back
         if not history:
-            raise ValueError(
+            raise UserError(
                 f"nothing to roll back to: v{current} is the first champion of {self.model_name!r} "
                 f"(no earlier champion left in the history)"
             )
@@ -407,7 +407,7 @@ class ModelRegistry:
             if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             if required:
-                raise ValueError(
+                raise UserError(
                     f"no registered model {self.model_name!r} in this registry (register a model first)"
                 ) from None
             return None
@@ -421,7 +421,7 @@ class ModelRegistry:
         except MlflowException as err:
             if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
-            raise ValueError(f"registered model {self.model_name!r} has no version {version!r}") from None
+            raise UserError(f"registered model {self.model_name!r} has no version {version!r}") from None
 
     def _version_exists(self, version: str) -> bool:
         try:

@@ -8,22 +8,41 @@ directory. The registry lives in the same store.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from pydantic import field_validator
+
+from moe_llava.errors import UserError
 from moe_llava.registry.gate import GateSettings
-from moe_llava.registry.model import DEFAULT_PYFUNC_CONFIG
+from moe_llava.registry.model import PyfuncSettings
+from moe_llava.schema import ConfigSection
 
 DEFAULT_MODEL_NAME = "moe-llava"
 DEFAULT_EXPERIMENT = "moe-tuning"
+
+
+class RegistryConfig(ConfigSection):
+    """The ``registry`` config group (``conf/registry/default.yaml``), checked: errors name the key."""
+
+    KEY: ClassVar[str] = "registry"
+    model_name: str = DEFAULT_MODEL_NAME
+    gate: GateSettings = GateSettings()
+    pyfunc: PyfuncSettings = PyfuncSettings()
+
+    @field_validator("model_name", "gate", "pyfunc", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 @dataclass
 class RegistrySettings:
     model_name: str = DEFAULT_MODEL_NAME
     gate: GateSettings = field(default_factory=GateSettings)
-    pyfunc: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PYFUNC_CONFIG))
+    pyfunc: PyfuncSettings = field(default_factory=PyfuncSettings)
     experiment_name: str = DEFAULT_EXPERIMENT  # where a new `register` run goes
     logger: dict[str, Any] = field(default_factory=dict)  # the `logger` config group (artifact location...)
     tracking_uri: str | None = None  # None: resolved from `logger` and the environment
@@ -40,14 +59,11 @@ class RegistrySettings:
 
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=False)
-        registry = dict(cfg.get("registry") or {})
-        unknown = set(registry) - {"model_name", "gate", "pyfunc"}
-        if unknown:
-            raise ValueError(f"registry: unknown keys {sorted(unknown)}")
+        registry = RegistryConfig.of(cfg.get("registry"))
         return cls(
-            model_name=str(registry.get("model_name") or DEFAULT_MODEL_NAME),
-            gate=GateSettings.from_mapping(registry.get("gate")),
-            pyfunc={**DEFAULT_PYFUNC_CONFIG, **dict(registry.get("pyfunc") or {})},
+            model_name=registry.model_name,
+            gate=registry.gate,
+            pyfunc=registry.pyfunc,
             experiment_name=str(cfg.get("experiment_name") or DEFAULT_EXPERIMENT),
             logger=dict(cfg.get("logger") or {}),
         )
@@ -66,11 +82,10 @@ class RegistrySettings:
             direction=gate_direction or self.gate.direction,
             min_margin=self.gate.min_margin if min_margin is None else min_margin,
         )
-        return RegistrySettings(
+        return dataclasses.replace(
+            self,
             model_name=model_name or self.model_name,
             gate=gate,
-            pyfunc=dict(self.pyfunc),
-            experiment_name=self.experiment_name,
             logger=dict(self.logger),
             tracking_uri=tracking_uri or self.tracking_uri,
         )
@@ -86,7 +101,7 @@ def compose_config(overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     if not (CONF_DIR / "config.yaml").is_file():
         if overrides:
-            raise ValueError(f"config overrides {list(overrides)} given, but {CONF_DIR} has no config.yaml")
+            raise UserError(f"config overrides {list(overrides)} given, but {CONF_DIR} has no config.yaml")
         return {}
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose with its search path
         cfg = compose("config", overrides=list(overrides))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moe_llava.errors import UserError
 from moe_llava.registry.gate import load_metrics, numeric_metrics
 from moe_llava.registry.model import log_pyfunc_model, resolve_export_dir
 from moe_llava.registry.registry import ModelRegistry, RegistrationResult
@@ -38,7 +39,7 @@ def register_export(
     """
     import mlflow
 
-    from moe_llava.tracking import TrackedRun, data_hash, git_commit, lock_hash, resolve_parent
+    from moe_llava.tracking import PROVENANCE_KEYS, TrackedRun, provenance_tags, resolve_parent
 
     settings = settings or RegistrySettings()
     export_dir = resolve_export_dir(model_dir)
@@ -51,7 +52,7 @@ def register_export(
         run_context: Any = contextlib.nullcontext(active)  # the caller's run: the caller ends it
     elif run_id is not None:
         if active is not None:
-            raise ValueError(f"run {active.info.run_id} is active; cannot log into run {run_id} as well")
+            raise UserError(f"run {active.info.run_id} is active; cannot log into run {run_id} as well")
         run_context = TrackedRun.start(uri=uri, resume_run_id=run_id)
     else:
         run_context = TrackedRun.start(
@@ -78,9 +79,7 @@ def register_export(
                 config_text[:MAX_CONFIG_TAG] + "\n# ... truncated: see the run artifact registry/config.yaml"
             )
         tags = {
-            "git_commit": run_tags.get("git_commit") or git_commit(),
-            "data_hash": run_tags.get("data_hash") or data_hash(),
-            "lock_hash": run_tags.get("lock_hash") or lock_hash(),
+            **provenance_tags(inherited=run_tags),
             "config": config_text,
             "source_run_id": run_id,
             "source_export": str(export_dir.resolve()),
@@ -90,7 +89,7 @@ def register_export(
         result = registry.register(
             model_info.model_uri, metrics, run_id=run_id, tags=tags, apply_gate=apply_gate
         )
-        provenance = {k: tags[k] for k in ("git_commit", "data_hash", "lock_hash") if tags[k]}
+        provenance = {k: tags[k] for k in PROVENANCE_KEYS if tags[k]}
         mlflow.set_tags(
             {
                 **provenance,  # the run says what the version was built from, as the version does
@@ -121,6 +120,6 @@ def _config_text(config: Mapping[str, Any] | str | Path | None, run_id: str) -> 
     path = Path(config)
     if isinstance(config, Path) or (len(str(config)) < 4096 and "\n" not in str(config)):
         if not path.is_file():
-            raise ValueError(f"config: {path} does not exist")
+            raise UserError(f"config: {path} does not exist")
         return path.read_text()
     return str(config)

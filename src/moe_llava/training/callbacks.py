@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -49,6 +51,45 @@ class RouterStatsLogger(L.Callback):
             return
         metrics = router_metrics({name: block.last_stats for name, block in blocks})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+class StepThroughput(L.Callback):
+    """``train/tokens_per_sec`` (progress bar) and ``train/samples_per_sec`` of this rank: Lightning's
+    :class:`~lightning.fabric.utilities.throughput.Throughput` over the last ``window`` steps, timed from
+    batch start to batch end (forward, backward, optimizer; not the wait for data).
+
+    Lightning's ``ThroughputMonitor`` is not used as is: it logs other names (``train/device/items_per_sec``)
+    straight to the loggers (no progress bar), times from one batch end to the next, needs a full window
+    before its first rate, and logs validation throughput and counters too.
+    """
+
+    def __init__(self, window: int = 1) -> None:
+        self.window = max(1, int(window))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._throughput = Throughput(window_size=self.window + 1)
+        self._busy_s, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
+        self._throughput.update(time=0.0, batches=0, samples=0, lengths=0)  # a rate from the first step
+        self._started: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._started is None:
+            return
+        self._busy_s += max(time.perf_counter() - self._started, 1e-9)
+        self._batches += 1
+        self._samples += int(batch["input_ids"].shape[0])
+        self._tokens += int(batch["attention_mask"].sum())
+        self._throughput.update(
+            time=self._busy_s, batches=self._batches, samples=self._samples, lengths=self._tokens
+        )
+        rates = self._throughput.compute()
+        if "device/items_per_sec" in rates:
+            log = {"on_step": True, "batch_size": 1}
+            pl_module.log("train/tokens_per_sec", rates["device/items_per_sec"], prog_bar=True, **log)
+            pl_module.log("train/samples_per_sec", rates["device/samples_per_sec"], **log)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

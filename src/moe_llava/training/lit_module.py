@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import time
 
 import lightning as L
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from moe_llava.model import MoELlavaForCausalLM
+from moe_llava.training.callbacks import StepThroughput
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_mask")
 
@@ -37,7 +37,6 @@ class MoELlavaLitModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.betas = tuple(betas)
-        self._batch_start: float | None = None
 
     def forward(self, batch: dict):
         return self.model(**{key: batch[key] for key in MODEL_INPUTS if batch.get(key) is not None})
@@ -68,17 +67,8 @@ class MoELlavaLitModule(L.LightningModule):
         out = self(batch)
         self._log_losses(out, "val", batch["input_ids"].shape[0])
 
-    # Throughput of this rank: wall time of a whole micro-batch step (forward, backward, optimizer).
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._batch_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        if self._batch_start is None:
-            return
-        elapsed = max(time.perf_counter() - self._batch_start, 1e-9)
-        tokens = int(batch["attention_mask"].sum())
-        self.log("train/tokens_per_sec", tokens / elapsed, prog_bar=True, on_step=True, batch_size=1)
-        self.log("train/samples_per_sec", batch["input_ids"].shape[0] / elapsed, on_step=True, batch_size=1)
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [StepThroughput()]  # train/tokens_per_sec and train/samples_per_sec of every stage
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(

@@ -41,8 +41,7 @@ from moe_llava.model.lora import merge_adapter, merge_lora, save_adapter, traina
 from moe_llava.tracking import (
     bound_http_retries,
     data_hash,
-    git_commit,
-    lock_hash,
+    provenance_tags,
     require_server,
     start_stage_run,
     tracking_uri,
@@ -217,11 +216,8 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         parent_run_id=cfg.get("parent_run_id"),
         tags={
             "stage": stage,
-            "git_commit": git_commit(),
-            "data_hash": data_version,
-            "lock_hash": lock_hash(),
             "model_origin": origin,
-            "moe": json.dumps(model.config.moe) if model.is_moe else "dense",
+            **provenance_tags(model),
         },
         is_global_zero=rank_zero_only.rank == 0,
     )
