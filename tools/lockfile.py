@@ -102,6 +102,8 @@ def base_lock(lock_path: Path, base: Path | None = None) -> Path | None:
     if spec.base is None:
         return None
     return base if base is not None else ROOT / spec.base
+
+
 # Installed by the Makefile before the lock, never written into it (see the module docstring).
 NOT_LOCKED = ("torch",)
 LOCKED_PYTHON = "3.11"
@@ -124,7 +126,9 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
     return pins
 
 
-def declared_requirements(pyproject: Path = PYPROJECT, extras: tuple[str, ...] = ("dev",)) -> list[Requirement]:
+def declared_requirements(
+    pyproject: Path = PYPROJECT, extras: tuple[str, ...] = ("dev",)
+) -> list[Requirement]:
     """The project's dependencies, the given extras (default: ``dev``) and its build requirements."""
     data = tomllib.loads(pyproject.read_text())
     optional = data["project"].get("optional-dependencies", {})

@@ -145,7 +145,9 @@ class MoELlavaLmms(lmms):
             raise ValueError(f"moe_llava model_args: unknown arguments {sorted(kwargs)}")
         if str(dtype) not in DTYPES:
             raise ValueError(f"moe_llava model_args: dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        self.batch_size_per_gpu = _positive_int(1 if batch_size in (None, "auto") else batch_size, "batch_size")
+        self.batch_size_per_gpu = _positive_int(
+            1 if batch_size in (None, "auto") else batch_size, "batch_size"
+        )
         self.default_max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         self.device = resolve_device(str(device or "auto"))
         with local_export(str(pretrained), tracking_uri=tracking_uri) as export:

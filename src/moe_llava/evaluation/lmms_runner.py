@@ -30,7 +30,9 @@ def task_manager(tasks: list[str], include_paths: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-args", required=True, help="pretrained=DIR_OR_URI[,dtype=...,...]")
     parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task or group names")
     parser.add_argument("--include-path", action="append", default=[], help="a task folder (repeatable)")
