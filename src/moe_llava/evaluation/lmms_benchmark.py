@@ -246,7 +246,8 @@ def task_metrics(values: Mapping[str, Any]) -> dict[str, float]:
         if not math.isfinite(float(value)):
             continue
         name, _, filter_name = key.partition(",")
-        metrics[metric_name(name if filter_name == "none" else f"{name}/{filter_name}")] = float(value)
+        parts = [name] if filter_name == "none" else [name, filter_name]
+        metrics["/".join(metric_name(part) for part in parts)] = float(value)
     return metrics
 
 
