@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
 import zlib
@@ -122,9 +123,4 @@ def png_bomb(width: int, height: int) -> bytes:
 
 
 # tests/lmms need the lmms-eval extra: `make test` runs them in .venv-lmms (make setup-lmms).
-try:
-    import importlib.util as _util
-
-    collect_ignore = [] if _util.find_spec("lmms_eval") else ["lmms"]
-except ValueError:
-    collect_ignore = ["lmms"]
+collect_ignore = [] if importlib.util.find_spec("lmms_eval") else ["lmms"]
