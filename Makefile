@@ -56,7 +56,8 @@ define install_layer
 	$(3)/bin/python tools/lockfile.py link-base $(1) $(3)
 	$(1)/bin/python tools/lockfile.py check-pyproject --lock $(2) --base $(4)
 	$(1)/bin/python tools/lockfile.py layer --lock $(2) --base $(4) -o $(1)/layer-requirements.txt
-	$(1)/bin/python -m pip install --quiet --no-deps --require-hashes -r $(1)/layer-requirements.txt
+	$(1)/bin/python -m pip install --quiet --no-deps --require-hashes --no-compile --no-build-isolation \
+	  -r $(1)/layer-requirements.txt
 	$(if $(TORCHVISION_SPEC),$(1)/bin/python -m pip install --quiet --no-deps $(TORCHVISION_SPEC))
 	$(1)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(1)/bin/python tools/lockfile.py pip-check --lock $(2)
