@@ -1,5 +1,5 @@
 """The commands end to end, each in its own process as users run them: lmms-eval's own CLI with
-``--model moe_llava``, and ``moe-llava eval benchmark`` (MLflow metrics and artifacts, the registry
+``--model moe_llava``, and ``moe-llava eval benchmark`` through the Prefect deployment (MLflow metrics and artifacts, the registry
 version's tags, the table; a failed task fails it)."""
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from moe_llava.cli import main
 from moe_llava.evaluation.lmms_scoring import SHAPESWORLD_IMAGES_ENV
+from moe_llava.paths import REPO_ROOT
 from tests.lmms.conftest import question_ids
 
 pytestmark = pytest.mark.slow
@@ -56,29 +58,49 @@ def test_lmms_eval_cli_runs_our_model_on_our_task(tiny_export, tasks_dir, our_ev
     assert results["yes_ratio,none"] == pytest.approx(expected.metrics()["yes_ratio"])
 
 
-def test_benchmark_command_logs_lmms_metrics_and_files_and_tags_the_version(
-    world, tracking_uri, logged_model, make_registry, model_name, tmp_path, capsys
+def test_benchmark_deployment_runs_the_command_logs_lmms_metrics_and_files_and_tags_the_version(
+    world, tracking_uri, logged_model, make_registry, model_name, tmp_path
 ):
+    """The flow's benchmark pipeline (deployment moe-tuning/benchmark) runs `moe-llava eval benchmark`
+    on a registered version: MLflow metrics and files, the version's tags, the table."""
     registry = make_registry()
     version = registry.register(
         logged_model["model_uri"], {"pope/mean_f1": 0.5}, run_id=logged_model["run_id"]
     ).version
-    out = tmp_path / "bench"
-    argv = [
-        "eval", "benchmark",
-        "--model", f"models:/{model_name}@champion",
-        "--tasks", "shapesworld_pope_random,shapesworld_vqa_test",
-        "--limit", "3",
+    args = [
         "--batch-size", "3",
         "--data-root", str(world),
-        "--output-dir", str(out),
         "--tracking-uri", tracking_uri,
         "--lmms-python", sys.executable,
-        "--json",
     ]  # fmt: skip
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "lmms/shapesworld_pope_random/f1" in printed and f"registered version {version} tagged" in printed
+    parameters = {
+        "pipeline": "benchmark",
+        "model": f"models:/{model_name}@champion",
+        "tasks": "shapesworld_pope_random,shapesworld_vqa_test",
+        "limit": 3,
+        "benchmark_dir": str(tmp_path / "bench"),
+        "benchmark_args": args,
+    }
+    script = (
+        "import json, sys; from flows.moe_tuning import moe_tuning; "
+        "print('RESULT', json.dumps(moe_tuning(**json.loads(sys.argv[1]))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # Prefect's in-process server (no PREFECT_API_URL): its 20 s default is short on a busy machine
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(parameters)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert [s["name"] for s in result["steps"]] == ["benchmark"]
+    out = Path(result["output_dir"])
+    assert "lmms/shapesworld_pope_random/f1" in (out / "table.txt").read_text()
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     tags = client.get_model_version(model_name, version).tags
@@ -89,9 +111,8 @@ def test_benchmark_command_logs_lmms_metrics_and_files_and_tags_the_version(
         "lmms/shapesworld_pope_random/yes_ratio",
         "lmms/shapesworld_vqa_test/accuracy",
     } <= set(metrics)
+    assert result["metrics"] == pytest.approx({k: metrics[k] for k in result["metrics"]})
     assert run.data.tags["registered_version"] == version and run.data.tags["tasks"].startswith("shapesworld")
-    logged = json.loads((out / "metrics.json").read_text())
-    assert all(metrics[k] == pytest.approx(v) for k, v in logged.items())
     # the gate reads the version's metrics: the benchmark's are there now, beside the evaluation's
     assert registry.version_metrics(version)["lmms/shapesworld_pope_random/f1"] == pytest.approx(
         metrics["lmms/shapesworld_pope_random/f1"]

@@ -373,6 +373,7 @@ def run_benchmark(
         metrics = flat_metrics(results)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         table = format_table(metrics, released_model(config))
+        (out / "table.txt").write_text(table + "\n")
         run_id = version = None
         if mlflow:
             run_id, version = _track(model, names, metrics, out, uri, experiment_name, results, limit)
