@@ -37,3 +37,41 @@ def test_benchmark_metrics_merge_into_a_version_and_the_gate_can_use_them(
     assert not worse.decision.promote and "worse" in worse.decision.reason
     better = registry.register(logged_model["model_uri"], {"lmms/shapesworld_pope/f1": 0.7})
     assert better.decision.promote and registry.champion() == better.version
+
+
+def test_register_merges_several_metrics_files_later_ones_winning(tmp_path, monkeypatch, capsys):
+    """`registry register --metrics eval/metrics.json --metrics bench/metrics.json`: one dict for the gate."""
+    from moe_llava.cli import main
+    from moe_llava.registry import workflow
+
+    evaluation, benchmark = tmp_path / "eval.json", tmp_path / "bench.json"
+    evaluation.write_text(json.dumps({"pope/mean_f1": 0.8, "lmms/gqa/exact_match": 0.1}))
+    benchmark.write_text(json.dumps({"lmms/gqa/exact_match": 0.6, "lmms/mme/mme_perception_score": 1200.0}))
+    seen = {}
+
+    class Result:
+        def as_dict(self):
+            return {"ok": True}
+
+    def fake_register(model_dir, metrics, **kwargs):
+        seen.update(metrics)
+        return Result()
+
+    monkeypatch.setattr(workflow, "register_export", fake_register)
+    argv = [
+        "registry",
+        "register",
+        "--model-dir",
+        str(tmp_path),
+        "--metrics",
+        str(evaluation),
+        "--metrics",
+        str(benchmark),
+    ]
+    assert main(argv) == 0
+    assert seen == {"pope/mean_f1": 0.8, "lmms/gqa/exact_match": 0.6, "lmms/mme/mme_perception_score": 1200.0}
+    assert (
+        main(["registry", "register", "--model-dir", str(tmp_path), "--metrics", str(tmp_path / "none.json")])
+        == 2
+    )
+    assert "none.json does not exist" in capsys.readouterr().err
