@@ -123,6 +123,7 @@ def run(model_dir: Path, data_root: Path, questions: int = 64, batch_size: int =
         "questions": questions,
         "batch_size": batch_size,
         "questions_per_s": {name: questions / common.median_s(ms) for name, ms in times.items()},
+        "seconds_per_round": {name: [t for m in ms for t in m.raw_times] for name, ms in times.items()},
         "adapter_vs_evaluator": common.paired_ratio(times["evaluator"], times["adapter"]),
         "simple_evaluate_vs_evaluator": common.paired_ratio(times["evaluator"], times["simple_evaluate"]),
     }

@@ -136,8 +136,6 @@ class MoELlavaLmms(lmms):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        import torch
-
         from moe_llava.evaluation.runner import DTYPES, resolve_device
         from moe_llava.registry.model import local_export
 
@@ -154,7 +152,6 @@ class MoELlavaLmms(lmms):
             # the whole export (weights, tokenizer, image processor) is in memory after this
             self.loaded = load_pretrained(export, device=self.device, dtype=DTYPES[str(dtype)])
         self.pretrained = str(pretrained)
-        torch.set_grad_enabled(False)
 
     @property
     def batch_size(self) -> int:

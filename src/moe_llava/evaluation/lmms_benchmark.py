@@ -397,7 +397,7 @@ def _track(model, names, metrics, out: Path, uri, experiment_name, results, limi
     from mlflow.tracking import MlflowClient
 
     from moe_llava.registry.registry import ModelRegistry
-    from moe_llava.tracking import TrackedRun, git_commit, lock_hash
+    from moe_llava.tracking import TrackedRun, git_commit, lock_hash, resolve_parent
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     registered = registered_version(model, client)
@@ -413,11 +413,17 @@ def _track(model, names, metrics, out: Path, uri, experiment_name, results, limi
         "limit": limit,
         **({"registered_model": registered[0], "registered_version": registered[1]} if registered else {}),
     }
-    run = TrackedRun.start(run_name="benchmark", experiment_name=experiment_name, uri=uri, tags=tags)
+    run = TrackedRun.start(
+        run_name="benchmark",
+        experiment_name=experiment_name,
+        uri=uri,
+        tags=tags,
+        parent_run_id=resolve_parent(),  # a pipeline's run when one started this
+    )
     with run:
         run.log_params({"tasks": names, "limit": limit, "model": model})
         run.log_metrics(metrics)
-        for name in ("metrics.json",):
+        for name in ("metrics.json", "table.txt"):
             shutil.copy(out / name, out / "lmms" / name)
         run.log_artifacts(out / "lmms", METRIC_PREFIX)
     if registered:
