@@ -9,10 +9,13 @@ Deployments (served by flows/serve.py, or `prefect deploy` with flows/prefect.ya
   moe-tuning/full      the whole pipeline
   moe-tuning/stage3    upcycle and MoE-tune from `init_from` (a stage-2 export or an MoE checkpoint)
   moe-tuning/evaluate  evaluate `model` (a folder or a models:/ URI)
+  moe-tuning/benchmark the paper's benchmark table of `model` through lmms-eval (`moe-llava eval
+                       benchmark`, in .venv-lmms: make setup-lmms)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -96,9 +99,44 @@ def dvc_stage(stage: str) -> list[str]:
     return python("-m", "dvc", "repro", "--single-item", stage)
 
 
+def benchmark_step(
+    step,
+    model: str,
+    tasks: str,
+    limit: int | None,
+    experiment_name: str | None,
+    benchmark_dir: str | None,
+    benchmark_args: list[str] | None,
+) -> dict[str, Any]:
+    """`moe-llava eval benchmark` of ``model`` into ``<benchmark_dir>/<model>/<flow run>``; its table
+    as a markdown artifact, its metrics as the result."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
+    out = Path(benchmark_dir or ROOT / "artifacts" / "benchmark") / name / str(flow_run.id)
+    argv = python(
+        "-m", "moe_llava.cli", "eval", "benchmark", "--model", model, "--tasks", tasks,
+        "--output-dir", str(out),
+        *(["--limit", str(limit)] if limit else []),
+        *(["--experiment", experiment_name] if experiment_name else []),
+        *(benchmark_args or []),
+    )  # fmt: skip
+    result = step("benchmark", argv)
+    table = (out / "table.txt").read_text()
+    create_markdown_artifact(
+        f"# Benchmark: {model} ({tasks})\n\n```\n{table}\n```\n",
+        key="benchmark-table",
+        description="lmms-eval metrics beside the paper's numbers",
+    )
+    print(table)
+    return {
+        "steps": [{k: result[k] for k in ("name", "seconds", "skipped")}],
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "output_dir": str(out),
+    }
+
+
 @flow(name="moe-tuning", log_prints=True)
 def moe_tuning(
-    pipeline: Literal["full", "stage3", "evaluate"] = "full",
+    pipeline: Literal["full", "stage3", "evaluate", "benchmark"] = "full",
     overrides: list[str] | None = None,
     experiment_name: str | None = None,
     register: bool = True,
@@ -106,19 +144,29 @@ def moe_tuning(
     model: str | None = None,
     retries: int = 0,
     retry_delay_seconds: float = 30.0,
+    tasks: str = "paper",
+    limit: int | None = None,
+    benchmark_dir: str | None = None,
+    benchmark_args: list[str] | None = None,
 ) -> dict[str, Any]:
     """MoE-Tuning as one tracked run.
 
     pipeline: full (data, stages 1-3, evaluation of stages 2 and 3, registration), stage3 (from
-    ``init_from``), or evaluate (``model``: a folder or a models:/ URI). overrides: Hydra
+    ``init_from``), evaluate (``model``: a folder or a models:/ URI), or benchmark (``model``
+    through lmms-eval: ``tasks`` paper | paper-all | shapesworld | names, ``limit``, extra
+    ``benchmark_args`` of ``moe-llava eval benchmark``). overrides: Hydra
     overrides, e.g. ["experiment=phi2_clip336"] (default: the embedded tiny CPU preset).
     retries: how often a failed step is retried (transient failures), with a delay between tries.
     """
     logger = get_run_logger()
+    step = run_step.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    if pipeline == "benchmark":  # no training config: the model and lmms-eval's tasks are all it needs
+        if not model:
+            raise ValueError("the benchmark pipeline needs model (a folder or a models:/ URI)")
+        return benchmark_step(step, model, tasks, limit, experiment_name, benchmark_dir, benchmark_args)
     overrides = list(overrides or ["experiment=tiny_cpu"])
     if experiment_name:
         overrides.append(f"experiment_name={experiment_name}")
-    step = run_step.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
 
     # The parameter files that dvc.yaml reads, composed from conf/ with this run's overrides.
     step("params", python("-m", "moe_llava.cli", "pipeline", "params", *overrides))

@@ -14,6 +14,7 @@ DEPLOYMENTS = {
     "full": "data, stages 1-3, evaluation of stages 2 and 3, registration with the promotion gate",
     "stage3": "upcycle and MoE-tune from init_from (a stage-2 export or an MoE checkpoint), evaluate, register",
     "evaluate": "evaluate model (a folder or a models:/ URI) on POPE and VQA",
+    "benchmark": "the paper's benchmark table of model through lmms-eval (tasks: paper, shapesworld, names)",
 }
 
 

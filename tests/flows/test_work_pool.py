@@ -28,11 +28,12 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_the_full_pipel
         server = start(prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)), env)
         wait_until(lambda: healthy(api), "the Prefect server", server)
         sh(*prefect("work-pool", "create", "gpu-process", "--type", "process"), cwd=clone, env=env)
-        deploy = prefect("--no-prompt", "deploy", "--name", "full", "--name", "stage3", "--name", "evaluate")
+        names = ("full", "stage3", "evaluate", "benchmark")
+        deploy = prefect("--no-prompt", "deploy", *[arg for name in names for arg in ("--name", name)])
         sh(*deploy, cwd=clone, env={**env, "MOE_TUNING_DIR": str(clone)}, timeout=180)
         inspected = sh(*prefect("deployment", "inspect", "moe-tuning/full"), cwd=clone, env=env)
         assert "'work_pool_name': 'gpu-process'" in inspected and str(clone) in inspected
-        for name in ("stage3", "evaluate"):
+        for name in ("stage3", "evaluate", "benchmark"):
             assert "gpu-process" in sh(
                 *prefect("deployment", "inspect", f"moe-tuning/{name}"), cwd=clone, env=env
             )

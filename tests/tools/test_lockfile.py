@@ -129,3 +129,111 @@ def test_diff_lists_moved_added_and_removed():
     old = {"transformers": "5.23.0", "gone": "1.0", "same": "2"}
     new = {"transformers": "5.24.0", "new": "0.1", "same": "2"}
     assert lockfile.diff(old, new) == ["  - gone 1.0", "  + new 0.1", "    transformers 5.23.0 -> 5.24.0"]
+
+
+# ---------------------------------------------------------------------- the lmms-eval lock
+LMMS_LOCK = LOCK.with_name("requirements-lmms.lock")
+
+
+def test_the_lmms_lock_keeps_every_main_pin_but_the_few_it_must_move():
+    main, lmms = lockfile.read_lock(LOCK), lockfile.read_lock(LMMS_LOCK)
+    spec = lockfile.lock_spec(LMMS_LOCK)
+    assert spec.extras == ("dev", "lmms-eval") and spec.base == "requirements.lock"
+    assert lockfile.base_problems(lmms, main, LOCK.name, spec) == []
+    moved = {name for name in main if lmms[name] != main[name]}
+    assert moved <= set(spec.may_move)
+    assert Version(lmms["filelock"]) < Version("4") and Version(lmms["protobuf"]) < Version("7")
+    assert "lmms-eval" in lmms and "torchvision" not in lmms and "torch" not in lmms
+    assert lockfile.pyproject_problems(lmms, extras=spec.extras) == []
+    assert lockfile.digest_problems(LMMS_LOCK) == []
+
+
+def test_a_stale_lmms_lock_is_refused_naming_the_moved_pin(tmp_path):
+    stale = tmp_path / "requirements-lmms.lock"  # checked as the lmms lock by its name
+    stale.write_text(re.sub(r"^mlflow==\S+", "mlflow==3.17.0.dev0", LMMS_LOCK.read_text(), flags=re.M))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/lockfile.py"),
+            "check-pyproject",
+            "--lock",
+            str(stale),
+            "--base",
+            str(LOCK),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "no longer matches pyproject.toml and requirements.lock; run `make lock`" in result.stderr
+    mlflow = lockfile.read_lock(LOCK)["mlflow"]
+    assert f"mlflow==3.17.0.dev0 is locked but requirements.lock has mlflow=={mlflow}" in result.stderr
+
+
+def test_the_layer_installs_only_what_the_lmms_lock_adds_or_moves(tmp_path):
+    text = lockfile.layer_requirements(LMMS_LOCK, LOCK)
+    pins = lockfile.read_lock(_written(tmp_path, text))
+    main, lmms = lockfile.read_lock(LOCK), lockfile.read_lock(LMMS_LOCK)
+    assert pins == {n: v for n, v in lmms.items() if main.get(n) != v}
+    assert {"lmms-eval", "protobuf", "filelock"} <= set(pins) and "transformers" not in pins
+    assert len(re.findall(r"^    --hash=sha256:", text, re.M)) >= len(pins)  # every pin with its hashes
+
+
+def _written(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "layer.txt"
+    path.write_text(text)
+    return path
+
+
+def test_a_layer_venv_sees_the_base_venvs_packages_after_its_own(tmp_path):
+    base, layer = tmp_path / "base", tmp_path / "layer"
+    for venv in (base, layer):
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(
+        subprocess.check_output(
+            [base / "bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
+    (site / "only_in_base.py").write_text("WHERE = 'base'\n")
+    (site / "in_both.py").write_text("WHERE = 'base'\n")
+    (site / "base_pth.pth").write_text(f"{tmp_path / 'extra'}\n")  # base's own .pth files still apply
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "from_pth.py").write_text("WHERE = 'pth'\n")
+    lockfile.link_base(layer, base)
+    layer_site = Path(
+        subprocess.check_output(
+            [layer / "bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
+    (layer_site / "in_both.py").write_text("WHERE = 'layer'\n")
+    code = "import only_in_base, in_both, from_pth; print(only_in_base.WHERE, in_both.WHERE, from_pth.WHERE)"
+    out = subprocess.check_output([layer / "bin/python", "-c", code], text=True, cwd=tmp_path)
+    assert out.split() == ["base", "layer", "pth"]
+
+
+def test_pip_check_allows_only_what_the_lock_leaves_out():
+    output = (
+        "timm 1.0.31 requires torchvision, which is not installed.\n"
+        "lmms-eval 0.7.3 requires torchvision, which is not installed.\n"
+        "wandb 0.25.0 has requirement protobuf<7, but you have protobuf 7.36.2.\n"
+        "foo 1.0 requires bar, which is not installed.\n"
+    )
+    assert lockfile.pip_check_problems(output, ("torchvision",)) == [
+        "wandb 0.25.0 has requirement protobuf<7, but you have protobuf 7.36.2.",
+        "foo 1.0 requires bar, which is not installed.",
+    ]
+    assert lockfile.pip_check_problems("No broken requirements found.\n", ()) == []
+
+
+def test_make_lock_test_and_upgrade_check_cover_the_lmms_lock():
+    def dry(target: str) -> str:
+        return subprocess.run(
+            ["make", "-n", "-C", str(ROOT), target, "VENV=/nonexistent-venv"], capture_output=True, text=True
+        ).stdout
+
+    assert "-o requirements-lmms.lock" in dry("lock")
+    upgrade = dry("upgrade-check")
+    assert "--upgrade -o .venv-upgrade/requirements-lmms.lock" in upgrade and "tests/lmms" in upgrade
+    test = dry("test")
+    assert "link-base .venv-lmms" in test and ".venv-lmms/bin/python -m pytest tests/lmms" in test
+    assert ".venv-lmms" not in dry("run")  # make run's set-up installs the main lock only

@@ -4,6 +4,7 @@
     moe-llava eval pope-score --questions pope_random.jsonl --answers answers.jsonl
     moe-llava eval vqa-score  --questions vqa_test.jsonl    --answers answers.jsonl
     moe-llava eval vision-probe --data-root data/shapesworld --set patch_size=16
+    moe-llava eval benchmark --model models:/moe-llava@champion --tasks paper   # lmms-eval
 
 The scorers print their metrics as JSON on stdout; questions without an answer and answers to
 unknown question ids are counted and listed in that JSON and summarised on stderr.
@@ -38,6 +39,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         score.add_argument("--questions", required=True, help="question file (JSONL/JSON with question_id)")
         score.add_argument("--answers", required=True, help="answers file (JSONL with question_id and text)")
         score.set_defaults(func=_score, kind=kind)
+
+    bench = commands.add_parser(
+        "benchmark",
+        help="the paper's benchmark table through lmms-eval (make setup-lmms first; docs/evaluation.md)",
+    )
+    bench.add_argument(
+        "--model", required=True, help="an export folder, or an MLflow URI such as models:/moe-llava@champion"
+    )
+    bench.add_argument(
+        "--tasks",
+        default="shapesworld",
+        help="paper | paper-all | shapesworld | comma-separated lmms-eval task names (default: shapesworld)",
+    )
+    bench.add_argument("--limit", type=int, default=None, help="first N documents of each task (quick runs)")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    bench.add_argument(
+        "--data-root", default="data/shapesworld", help="the ShapesWorld folder of the shapesworld tasks"
+    )
+    bench.add_argument(
+        "--output-dir", default=None, help="keep lmms-eval's files here (default: a temp folder)"
+    )
+    bench.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking/registry URI (default: as training)"
+    )
+    bench.add_argument("--experiment", default="benchmarks", help="MLflow experiment of the benchmark run")
+    bench.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+    bench.add_argument(
+        "--offline",
+        action="store_true",
+        help="never reach the hub (HF_HUB_OFFLINE): hub benchmarks then need a pre-filled HF_HOME",
+    )
+    bench.add_argument(
+        "--lmms-python", default=None, help="the interpreter with lmms-eval (default: .venv-lmms)"
+    )
+    bench.add_argument("--timeout-s", type=float, default=None, help="give lmms-eval at most this long")
+    bench.add_argument("--json", action="store_true", help="print the metrics as JSON after the table")
+    bench.set_defaults(func=_benchmark)
 
     probe = commands.add_parser(
         "vision-probe",
@@ -75,6 +115,43 @@ def _run(args: argparse.Namespace) -> int:
 
     sys.argv = [sys.argv[0], *args.overrides]  # Hydra parses sys.argv
     evaluate.main()
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from moe_llava.evaluation.lmms_benchmark import BenchmarkError, expand_tasks, run_benchmark
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    names = expand_tasks(args.tasks)
+    try:
+        summary = run_benchmark(
+            args.model,
+            names,
+            output_dir=args.output_dir,
+            data_root=args.data_root,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device,
+            tracking_uri=args.tracking_uri,
+            experiment_name=args.experiment,
+            mlflow=not args.no_mlflow,
+            offline=args.offline or all(n.startswith("shapesworld") for n in names),
+            python=args.lmms_python,
+            timeout_s=args.timeout_s,
+            log=lambda line: print(line, file=sys.stderr if line.startswith("lmms-eval:") else sys.stdout),
+        )
+    except BenchmarkError as err:
+        print(f"moe-llava: benchmark failed: {err}", file=sys.stderr)
+        return 1
+    if summary["run_id"]:
+        version = summary["registered_version"]
+        print(
+            f"MLflow run {summary['run_id']}" + (f"; registered version {version} tagged" if version else "")
+        )
+    if args.json:
+        print(json.dumps(summary["metrics"], indent=2))
     return 0
 
 

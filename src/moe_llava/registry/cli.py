@@ -41,7 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="log a stage export as the pyfunc model, register a new version, apply the promotion gate",
     )
     reg.add_argument("--model-dir", required=True, help="a stage export (or a stage folder holding export/)")
-    reg.add_argument("--metrics", required=True, help="the evaluation's metrics.json (flat keys)")
+    reg.add_argument(
+        "--metrics",
+        required=True,
+        action="append",
+        help="the evaluation's metrics.json (flat keys); repeat to merge several, e.g. a benchmark's "
+        "lmms/... metrics.json (later files win on a shared name)",
+    )
     reg.add_argument("--config", help="the pipeline's config YAML (tagged on the version)")
     reg.add_argument("--run-id", help="log into this MLflow run (e.g. the stage's) instead of a new one")
     reg.add_argument("--no-gate", action="store_true", help="register as challenger, never auto-promote")
@@ -86,11 +92,15 @@ def _registry(args: argparse.Namespace):
 
 
 def _register(args: argparse.Namespace) -> int:
+    from moe_llava.registry.gate import load_metrics
     from moe_llava.registry.workflow import register_export
 
+    metrics = {}
+    for path in args.metrics:
+        metrics.update(load_metrics(path))
     result = register_export(
         args.model_dir,
-        args.metrics,
+        metrics,
         settings=settings_from_args(args),
         config=args.config,
         run_id=args.run_id,

@@ -234,6 +234,24 @@ class ModelRegistry:
             self._aliases_of(version),
         )
 
+    def add_metrics(
+        self, version: str | int, metrics: Mapping[str, Any], *, tags: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Merge ``metrics`` measured later (e.g. ``moe-llava eval benchmark``'s ``lmms/...``) into a
+        version's metrics, where the gate reads them (a new value replaces the old one of that name),
+        and set ``tags``; under the registry's lock, so two merges never lose each other's keys."""
+        version = str(version)
+        with self.locked():
+            merged = {**self.version_metrics(version), **dict(metrics)}
+            self._set_tag(version, METRICS_TAG, _metrics_json(merged))
+            for key, value in numeric_metrics(metrics).items():
+                if not key.startswith(DETAIL_PREFIXES):
+                    self._set_tag(version, f"{METRIC_TAG_PREFIX}{key}", repr(value))
+            for key, value in (tags or {}).items():
+                if value is not None:
+                    self._set_tag(version, str(key), str(value))
+        return merged
+
     def promote(self, version: str | int, reason: str | None = None) -> dict[str, Any]:
         """Make ``version`` champion by hand (whatever the gate says)."""
         version = str(version)

@@ -1,0 +1,77 @@
+"""Benchmark metrics (``moe-llava eval benchmark``'s ``lmms/...``) on a registered version: merged
+into its metrics, where the promotion gate reads them."""
+
+from __future__ import annotations
+
+import json
+
+from moe_llava.evaluation import lmms_benchmark as bench
+
+
+def test_benchmark_metrics_merge_into_a_version_and_the_gate_can_use_them(
+    tracking_uri, logged_model, model_name
+):
+    """A benchmark of the champion adds lmms/... to its version; a new version with a better
+    lmms/... value then wins a gate configured on that metric."""
+    from mlflow.tracking import MlflowClient
+
+    from moe_llava.registry.gate import GateSettings
+    from moe_llava.registry.registry import ModelRegistry
+
+    gate = GateSettings(metric="lmms/shapesworld_pope/f1")
+    registry = ModelRegistry(model_name, gate, tracking_uri=tracking_uri)
+    first = registry.register(logged_model["model_uri"], {"pope/mean_f1": 0.8}, run_id=logged_model["run_id"])
+    assert first.decision.promote
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    assert bench.registered_version(f"models:/{model_name}@champion", client) == (model_name, first.version)
+    assert bench.registered_version(f"models:/{model_name}/7", client) == (model_name, "7")
+    assert bench.registered_version("/some/export", client) is None
+    merged = registry.add_metrics(
+        first.version, {"lmms/shapesworld_pope/f1": 0.6}, tags={"benchmark.run_id": "r1"}
+    )
+    assert merged == {"pope/mean_f1": 0.8, "lmms/shapesworld_pope/f1": 0.6}
+    tags = client.get_model_version(model_name, first.version).tags
+    assert tags["metric.lmms/shapesworld_pope/f1"] == "0.6" and tags["benchmark.run_id"] == "r1"
+    assert json.loads(tags["metrics"]) == merged
+    worse = registry.register(logged_model["model_uri"], {"lmms/shapesworld_pope/f1": 0.55})
+    assert not worse.decision.promote and "worse" in worse.decision.reason
+    better = registry.register(logged_model["model_uri"], {"lmms/shapesworld_pope/f1": 0.7})
+    assert better.decision.promote and registry.champion() == better.version
+
+
+def test_register_merges_several_metrics_files_later_ones_winning(tmp_path, monkeypatch, capsys):
+    """`registry register --metrics eval/metrics.json --metrics bench/metrics.json`: one dict for the gate."""
+    from moe_llava.cli import main
+    from moe_llava.registry import workflow
+
+    evaluation, benchmark = tmp_path / "eval.json", tmp_path / "bench.json"
+    evaluation.write_text(json.dumps({"pope/mean_f1": 0.8, "lmms/gqa/exact_match": 0.1}))
+    benchmark.write_text(json.dumps({"lmms/gqa/exact_match": 0.6, "lmms/mme/mme_perception_score": 1200.0}))
+    seen = {}
+
+    class Result:
+        def as_dict(self):
+            return {"ok": True}
+
+    def fake_register(model_dir, metrics, **kwargs):
+        seen.update(metrics)
+        return Result()
+
+    monkeypatch.setattr(workflow, "register_export", fake_register)
+    argv = [
+        "registry",
+        "register",
+        "--model-dir",
+        str(tmp_path),
+        "--metrics",
+        str(evaluation),
+        "--metrics",
+        str(benchmark),
+    ]
+    assert main(argv) == 0
+    assert seen == {"pope/mean_f1": 0.8, "lmms/gqa/exact_match": 0.6, "lmms/mme/mme_perception_score": 1200.0}
+    assert (
+        main(["registry", "register", "--model-dir", str(tmp_path), "--metrics", str(tmp_path / "none.json")])
+        == 2
+    )
+    assert "none.json does not exist" in capsys.readouterr().err
