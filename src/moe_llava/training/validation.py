@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moe_llava.data.images import ASPECT_MODES
 from moe_llava.data.templates import TEMPLATES
-from moe_llava.data.validation import IMAGE_CHECKS, OVERLENGTH_POLICIES
+from moe_llava.data.validation import IMAGE_CHECKS, LEADING_GPT_POLICIES, OVERLENGTH_POLICIES
 from moe_llava.errors import ConfigError
 from moe_llava.model.builder import VISION_TOWER_CLASSES
 from moe_llava.model.moe import EXPERT_PATHS
@@ -170,6 +170,7 @@ class DataConfig(Schema):
     tokenizer: str | None = None
     max_length: int | None = rule(None, gt=0)
     overlength: str = rule("reject", one_of=OVERLENGTH_POLICIES)
+    leading_gpt: str = rule("reject", one_of=LEADING_GPT_POLICIES)
     pad_color: list[int] | None = None
     max_image_pixels: int = rule(40_000_000, gt=0)
     num_workers: int = rule(0, ge=0)

@@ -1,0 +1,254 @@
+"""The paper recipes (phi2_clip336, qwen_clip336, stablelm_clip336) end to end on LLaVA-format data.
+
+Their backbones are tiny stand-ins of the recipes' own classes (PhiForCausalLM, Qwen2ForCausalLM,
+StableLmForCausalLM, CLIPVisionModel, and SiglipVisionModel for the SigLIP variant), saved with
+``save_pretrained`` with a GPT-2-like tokenizer (no ``<image>``, no pad: the recipe adds them, as
+for the real checkpoints); the data is tests/llava_like.py's (558k-style captions, mix665k-style
+instructions, POPE as published). Only paths, ``trainer=cpu``, small batches and step counts are
+overridden: every other value is the recipe's, ``data.max_length`` 2048 and the llava_json data
+policies included. Stages run for 2 steps, fewer than ``trainer.log_every_n_steps``.
+
+* qwen and stablelm (and qwen with a SigLIP tower): stages 1-3 and the evaluation in this process;
+* phi2: the Prefect flow's ``full`` pipeline (DVC stages, evaluation, registration) in a clone of
+  the repository without ShapesWorld data and with ``run_dir`` outside it, then ``dvc repro``: an
+  evaluation value reruns the evaluations only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe_llava.config import compose_config
+from tests.llava_like import write_llava_like
+from tests.project import command_env, sh
+
+SPLITS = ("random", "popular", "adversarial")
+LM_CLASSES = {"phi2_clip336": "phi", "qwen_clip336": "qwen2", "stablelm_clip336": "stablelm"}
+
+
+def gpt2_like_tokenizer(texts: list[str]):
+    """Byte-level BPE, eos <|endoftext|>, no BOS added, no pad, no <image> (like Phi-2's and Qwen's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def save_language_model(kind: str, path: Path, tokenizer) -> Path:
+    from transformers import (
+        PhiConfig,
+        PhiForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        StableLmConfig,
+        StableLmForCausalLM,
+    )  # fmt: skip
+
+    eos = tokenizer.eos_token_id
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = {
+        "phi": lambda: PhiForCausalLM(PhiConfig(**common, hidden_act="gelu_new", partial_rotary_factor=0.4)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
+        "stablelm": lambda: StableLmForCausalLM(StableLmConfig(**common, partial_rotary_factor=0.25, use_qkv_bias=True)),
+    }[kind]()  # fmt: skip
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_vision_tower(kind: str, path: Path) -> Path:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )  # fmt: skip
+
+    size = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    if kind == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**size)).save_pretrained(path)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            path
+        )
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**size)).save_pretrained(path)
+        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """The LLaVA-like data and every stand-in backbone (built once for the module)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("recipes")
+    kinds = write_llava_like(root / "llava", captions=16, instruct=8, vqa=8, ocr=4, sharegpt=6,
+                             long_sharegpt=1, leading_gpt=1, pope_per_split=4)  # fmt: skip
+    texts = [t["value"] for f in ("blip_laion_cc_sbu_558k.json", "llava_v1_5_mix665k.json")
+             for r in json.loads((root / "llava" / f).read_text()) for t in r["conversations"]]  # fmt: skip
+    tokenizer = gpt2_like_tokenizer(texts)
+    towers = {kind: save_vision_tower(kind, root / "towers" / kind) for kind in ("clip", "siglip")}
+    lms = {r: save_language_model(kind, root / "lms" / kind, tokenizer) for r, kind in LM_CLASSES.items()}
+    return {"root": root, "data": root / "llava", "kinds": kinds, "towers": towers, "lms": lms}
+
+
+def recipe_overrides(world: dict, recipe: str, tower: str, run_dir: Path, tracking: str) -> list[str]:
+    data = world["data"]
+    return [
+        f"experiment={recipe}",
+        "trainer=cpu",  # instead of the recipe's deepspeed_stage_2 on GPUs
+        f"data.root={data}",
+        f"data.eval.image_folder={data}/eval/val2014",
+        *[f"data.eval.pope.{s}={data}/eval/pope/coco_pope_{s}.json" for s in SPLITS],
+        f"model.vision_tower.name_or_path={world['towers'][tower]}",
+        "model.vision_tower.config=null",  # the stand-ins' own configs (the recipe's describe the hub's)
+        f"model.language_model.name_or_path={world['lms'][recipe]}",
+        "model.language_model.config=null",
+        "stage.micro_batch_size=4",
+        "stage.global_batch_size=8",
+        "stage.max_steps=2",  # < trainer.log_every_n_steps (5)
+        "data.num_workers=0",
+        f"run_dir={run_dir}",
+        f"logger.tracking_uri={tracking}",
+        "logger.log_system_metrics=false",
+        "trainer.enable_progress_bar=false",
+        "evaluation.limit=4",
+        "evaluation.max_new_tokens=2",
+        "evaluation.progress=false",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("recipe", "tower", "extra"),
+    [
+        ("qwen_clip336", "clip", []),
+        ("stablelm_clip336", "clip", ["trainer.precision=bf16-mixed"]),  # exports in bfloat16
+        ("qwen_clip336", "siglip", []),
+    ],
+    ids=["qwen", "stablelm-bf16", "qwen-siglip"],
+)
+def test_recipe_trains_three_stages_and_evaluates(world, tmp_path, recipe, tower, extra):
+    from safetensors import safe_open
+
+    from moe_llava.evaluation.runner import run_evaluation
+    from moe_llava.training.run import run_stage
+
+    run_dir = tmp_path / "runs"
+    overrides = [*recipe_overrides(world, recipe, tower, run_dir, f"sqlite:///{tmp_path}/mlflow.db"), *extra]
+    for stage in ("stage1", "stage2", "stage3"):
+        result = run_stage(compose_config([*overrides, f"stage={stage}"]))
+        assert result["global_step"] == 2 and torch.isfinite(torch.tensor(result["train/loss"]))
+        assert (run_dir / stage / "logs" / "metrics.csv").is_file()  # written though no step was logged
+    counts = json.loads((run_dir / "stage2" / "data" / "train" / "counts.json").read_text())
+    kinds = world["kinds"]
+    assert counts["rejected"] == 0 and counts["kept"] == kinds["mix"]  # every real-world variant kept
+    assert counts["fixed"] == {"dropped_leading_gpt": kinds["leading_gpt"], "truncated_turns": kinds["long"]}
+
+    export = run_dir / "stage3" / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["moe"]["num_experts"] == 4 and config["text_config"]["model_type"] == LM_CLASSES[recipe]
+    assert config["vision_config"]["model_type"] == f"{tower}_vision_model"
+    dtype = "BF16" if extra else "F32"
+    with safe_open(str(next(export.glob("*.safetensors"))), "pt") as weights:
+        names = weights.keys()  # a safetensors handle, not a dict
+        kept = {weights.get_slice(k).get_dtype() for k in names if "router" not in k}
+    assert kept == {dtype} and config["dtype"] == ("bfloat16" if extra else "float32")
+
+    metrics = run_evaluation(compose_config([*overrides, "stage=stage3"]))
+    assert 0.0 <= metrics["pope/mean_f1"] <= 1.0 and not any(k.startswith("vqa/") for k in metrics)
+    answers = (run_dir / "stage3" / "eval" / "answers" / "pope_random.jsonl").read_text().splitlines()
+    assert [json.loads(a)["question_id"] for a in answers] == [1, 2, 3, 4]  # integers, as POPE's files
+    assert compose_config(overrides)["registry"]["model_name"] == recipe  # gated against its own kind
+
+
+@pytest.mark.slow
+def test_phi2_recipe_through_the_full_flow_and_dvc_repro(world, tmp_path):
+    """The `full` deployment's flow on a real recipe in a clone without ShapesWorld data, run_dir
+    outside the repository; then `dvc repro`: up to date, and an evaluation value reruns the
+    evaluations only."""
+    clone = tmp_path / "clone"
+    env = command_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+    sh("git", "clone", "-q", str(Path(__file__).resolve().parents[2]), str(clone), cwd=tmp_path, env=env)
+    run_dir = tmp_path / "runs" / "phi2"
+    overrides = recipe_overrides(world, "phi2_clip336", "clip", run_dir, "sqlite:///mlflow.db")
+    script = (
+        "import json, sys; from flows.moe_tuning import moe_tuning; "
+        "r = moe_tuning(overrides=json.loads(sys.argv[1])); "
+        "print('STEPS', json.dumps([s['name'] for s in r['steps']]))"
+    )
+    out = sh(sys.executable, "-c", script, json.dumps(overrides), cwd=clone, env=env, timeout=600)
+    steps = json.loads(out.split("STEPS ", 1)[1].splitlines()[0])
+    assert steps == [
+        "data",
+        "backbones",
+        "stage1",
+        "stage2",
+        "stage3",
+        "evaluate-stage2",
+        "evaluate-stage3",
+        "register",
+    ]
+    assert "is outside data/ (not versioned by data.dvc): used as it is" in out
+    assert not (clone / "data").exists() and (run_dir / "stage3" / "export" / "config.json").is_file()
+    assert not (clone / "artifacts").exists()  # everything went to run_dir
+    assert "version 1 is **champion**" in (run_dir / "summary.md").read_text()
+    assert "`phi2_clip336` version 1" in (run_dir / "summary.md").read_text()  # its own registered model
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("phi2_clip336").experiment_id])
+    stage3 = next(r for r in runs if r.info.run_name == "stage3")
+    assert stage3.data.tags["export_dir"] == str((run_dir / "stage3" / "export").resolve())
+    assert not any(r.info.status == "RUNNING" for r in runs)
+
+    def ran(output: str) -> list[str]:
+        import re
+
+        return sorted(re.findall(r"Running stage '([^']+)'", output))
+
+    assert ran(sh("dvc", "repro", cwd=clone, env=env, timeout=300)) == []
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    assert {d["path"] for d in lock["stage1"]["deps"]} >= {
+        str(world["data"] / "blip_laion_cc_sbu_558k.json"),
+        str(world["towers"]["clip"]),
+        str(world["lms"]["phi2_clip336"]),
+    }  # the real data and the local backbones, outside the repository, are dependencies
+    params = [
+        sys.executable,
+        "-m",
+        "moe_llava.cli",
+        "pipeline",
+        "params",
+        *overrides,
+        "evaluation.max_new_tokens=1",
+    ]
+    sh(*params, cwd=clone, env=env, timeout=120)
+    assert ran(sh("dvc", "repro", cwd=clone, env=env, timeout=300)) == ["evaluate@stage2", "evaluate@stage3"]
