@@ -256,18 +256,16 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
     return result
 
 
-EXPORT_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def export_dtype(setting: str | None, precision: Any):
-    """``export.dtype`` as a torch dtype: ``auto`` is the training precision's compute type."""
+    """``export.dtype`` (checked: validation.EXPORT_DTYPES) as a torch dtype: ``auto`` is the
+    training precision's compute type."""
     import torch
 
     setting = str(setting or "auto")
     if setting == "auto":
         text = str(precision or "32-true")
         setting = "bfloat16" if text.startswith("bf16") else "float16" if text.startswith("16") else "float32"
-    return getattr(torch, EXPORT_DTYPES[setting])
+    return getattr(torch, setting)
 
 
 def log_export(run, export_dir: Path, logger_cfg: DictConfig) -> None:

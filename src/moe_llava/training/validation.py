@@ -10,6 +10,7 @@ files of the DVC pipeline, which is why it does not depend on conf/'s defaults l
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -29,6 +30,7 @@ from moe_llava.model.upcycle import LAYER_MODES
 from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
 LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # export.dtype (auto: the training precision)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -261,6 +263,16 @@ def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool
         cfg.get("resume", "auto") in ("auto", "never"),
         "resume",
         f"expected auto or never, got {cfg.get('resume')!r}",
+    )
+    export = cfg.get("export") or {}
+    dtype = str(export.get("dtype", "auto"))
+    _check(dtype in EXPORT_DTYPES, "export.dtype", f"expected one of {EXPORT_DTYPES}, got {dtype!r}")
+    shard = export.get("max_shard_size", "5GB")
+    _check(
+        (isinstance(shard, int) and not isinstance(shard, bool) and shard > 0)
+        or (isinstance(shard, str) and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", shard) is not None),
+        "export.max_shard_size",
+        f"expected a byte count or a size such as 5GB, got {shard!r}",
     )
     if check_paths:
         _validate_paths(cfg, stage.name)
