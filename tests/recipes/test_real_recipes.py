@@ -179,8 +179,9 @@ def test_a_siglip_tower_by_path_trains_and_evaluates(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("recipe", "extra"),
-    [("qwen_clip336", []), ("stablelm_clip336", ["trainer.precision=bf16-mixed"])],  # stablelm: bf16 exports
-    ids=["qwen", "stablelm-bf16"],
+    # stablelm: bfloat16 exports (what export.dtype=auto writes under bf16-mixed, the recipes' precision on GPUs)
+    [("qwen_clip336", []), ("stablelm_clip336", ["export.dtype=bfloat16"])],
+    ids=["qwen", "stablelm-bf16-exports"],
 )
 def test_recipe_trains_three_stages_and_evaluates(world, tmp_path, recipe, extra):
     from safetensors import safe_open
@@ -210,6 +211,12 @@ def test_recipe_trains_three_stages_and_evaluates(world, tmp_path, recipe, extra
         kept = {weights.get_slice(k).get_dtype() for k in names if "router" not in k}
     assert kept == {dtype} and config["dtype"] == ("bfloat16" if extra else "float32")
 
+    from moe_llava.training.run import export_dtype
+
+    assert (
+        export_dtype("auto", "bf16-mixed") == torch.bfloat16
+        and export_dtype("auto", "32-true") == torch.float32
+    )
     metrics = run_evaluation(compose_config([*overrides, "stage=stage3"]))
     assert 0.0 <= metrics["pope/mean_f1"] <= 1.0 and not any(k.startswith("vqa/") for k in metrics)
     answers = (run_dir / "stage3" / "eval" / "answers" / "pope_random.jsonl").read_text().splitlines()
