@@ -1,5 +1,7 @@
 """The flow's data step: make data/ match data.dvc (`python -m flows.data`).
 
+0. the configured data lives outside data/ (a real dataset on a cluster's file system): it is not
+   data.dvc's, so it is used as it is (dvc.yaml depends on its files directly); it must exist;
 1. up to date (`dvc status data.dvc` clean): nothing to do;
 2. else `dvc pull data.dvc` from the DVC remote;
 3. else, for ShapesWorld, regenerate it with the composed config's generator settings and
@@ -31,7 +33,21 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def outside_data_dir(root: str) -> bool:
+    """Whether ``root`` (as the config has it, relative to the repository) is outside ``data/``."""
+    data_dir = (ROOT / "data").resolve()
+    path = (ROOT / root).resolve()
+    return path != data_dir and data_dir not in path.parents
+
+
 def main() -> int:
+    data_cfg = yaml.safe_load((ROOT / "params" / "stage1.yaml").read_text())["data"]
+    if outside_data_dir(str(data_cfg["root"])):
+        if not (ROOT / data_cfg["root"]).is_dir():
+            print(f"data: {data_cfg['root']} (data.root) does not exist")
+            return 1
+        print(f"data: {data_cfg['root']} is outside data/ (not versioned by data.dvc): used as it is")
+        return 0
     status = dvc("status", "data.dvc", check=False)
     if status.returncode == 0 and "up to date" in status.stdout:
         print("data: up to date with data.dvc")
@@ -39,7 +55,6 @@ def main() -> int:
     if dvc("pull", "data.dvc", check=False).returncode == 0:
         print("data: pulled from the DVC remote")
         return 0
-    data_cfg = yaml.safe_load((ROOT / "params" / "stage1.yaml").read_text())["data"]
     if data_cfg.get("name") != "shapesworld":
         print(f"data: data.dvc is not in the DVC remote and {data_cfg.get('name')!r} cannot be regenerated")
         return 1

@@ -49,6 +49,10 @@ def command_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# On a machine shared with other work, every command timeout scaled by $MOE_TUNING_TIMEOUT_SCALE.
+TIMEOUT_SCALE = float(os.environ.get("MOE_TUNING_TIMEOUT_SCALE", "1"))
+
+
 def sh(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120, ok: bool = True) -> str:
     """Run a command (``dvc ...`` through this interpreter); assert its exit status; stdout + stderr."""
     cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
@@ -58,7 +62,7 @@ def sh(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120, ok:
         env=env or command_env(),
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout * TIMEOUT_SCALE,
         check=False,
         stdin=subprocess.DEVNULL,
     )

@@ -20,7 +20,7 @@ SUMMARY_KEYS = ("pope/mean_f1", "eval/num_questions", "eval/num_missing", "eval/
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from moe_llava.errors import ConfigError, DataError, TrackingUnavailable
+    from moe_llava.errors import CheckpointError, ConfigError, DataError, TrackingUnavailable
     from moe_llava.evaluation.runner import run_evaluation
 
     try:
@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:  # one readable line, before any work started
         print(f"moe-llava eval: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (DataError, TrackingUnavailable) as err:
+    except (CheckpointError, DataError, TrackingUnavailable) as err:
         # a bad question file or image (file, line and field), or a tracking server that is down
         print(f"moe-llava eval: error: {err}", file=sys.stderr)
         sys.exit(2)

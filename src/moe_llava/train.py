@@ -15,13 +15,18 @@ from moe_llava.paths import CONF_DIR
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from moe_llava.errors import ConfigError, TrackingUnavailable, WriteFailed
+    from moe_llava.errors import CheckpointError, ConfigError, DataError, TrackingUnavailable, WriteFailed
     from moe_llava.training import run_stage
 
     try:
         result = run_stage(cfg)
     except ConfigError as err:  # one readable line, before any work started
         print(f"moe-llava train: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (CheckpointError, DataError) as err:
+        # weights that are not an export (names the file); data over the rejected-fraction limit
+        # (names the quarantine file): found before the model loaded (moe_llava.training.preflight)
+        print(f"moe-llava train: error: {err}", file=sys.stderr)
         sys.exit(2)
     except WriteFailed as err:  # disk full, I/O error: the path and the cause, not a traceback
         print(f"moe-llava train: {err}", file=sys.stderr)

@@ -158,7 +158,8 @@ def test_dense_export_official_pope_format(compose_stage, dense_export, shapeswo
         f"evaluation.model_dir={dense_export}",
         f"evaluation.output_dir={tmp_path}/dense_eval",
         f"data.eval.pope.random={questions}",
-        "evaluation.benchmarks=[pope]",
+        "data.eval.vqa.val=null",  # as a real dataset without VQA files: the default evaluates POPE only
+        "data.eval.vqa.test=null",
         "evaluation.pope_splits=[random]",
         "evaluation.max_new_tokens=2",
         "evaluation.mlflow=false",
@@ -178,7 +179,13 @@ def test_dense_export_official_pope_format(compose_stage, dense_export, shapeswo
     assert not any(k.startswith("moe/") for k in metrics)
     assert metrics["pope/random/num_questions"] == 5 and "pope/mean_f1" in metrics
     answers = [json.loads(line) for line in (out / "answers" / "pope_random.jsonl").read_text().splitlines()]
-    assert [a["question_id"] for a in answers] == ["1", "2", "3", "4", "5"]
+    assert [a["question_id"] for a in answers] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]  # as the file has them (LLaVA's POPE script)
     assert answers[0]["prompt"].endswith("?\nAnswer the question using a single word or phrase.")
 
 
@@ -186,7 +193,7 @@ def test_bad_inputs_fail_with_clear_errors(compose_stage, dense_export, shapeswo
     base = [f"evaluation.model_dir={dense_export}", "evaluation.mlflow=false", "evaluation.progress=false"]
     with pytest.raises(ConfigError, match=r"evaluation\.pope_splits: 'nope' has no file in data\.eval\.pope"):
         run_evaluation(compose_stage("stage3", *base, "evaluation.pope_splits=[nope]"))
-    with pytest.raises(ConfigError, match=r"evaluation\.benchmarks: must be a non-empty subset"):
+    with pytest.raises(ConfigError, match=r"evaluation\.benchmarks: must be null .* or a non-empty subset"):
         run_evaluation(compose_stage("stage3", *base, "evaluation.benchmarks=[mmlu]"))
     with pytest.raises(ConfigError, match=r"data\.eval\.pope_groups: .*nowhere\.jsonl"):
         run_evaluation(
@@ -210,3 +217,41 @@ def test_bad_inputs_fail_with_clear_errors(compose_stage, dense_export, shapeswo
         match=r"bad_pope\.jsonl: line 3: field 'image': question_id 'pope-random-00002': .*missing\.png",
     ):
         run_evaluation(cfg)
+
+
+def test_a_real_recipe_evaluates_what_is_configured_and_hints_work_in_hydra(tmp_path):
+    """llava_json has POPE splits (null) and no VQA set: the default runs the configured kinds only;
+    a missing kind's hint is a Hydra override that works as printed (`+` for a key not there yet)."""
+    from hydra.errors import ConfigCompositionException
+
+    from moe_llava.config import compose_config
+    from moe_llava.evaluation.runner import plan_benchmarks
+
+    pope = write_jsonl(
+        tmp_path / "coco_pope_random.json",
+        [{"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "no"}],
+    )
+    recipe = ["experiment=phi2_clip336", "stage=stage3"]
+    with pytest.raises(ConfigError) as nothing:
+        plan_benchmarks(compose_config(recipe))
+    assert str(nothing.value) == (
+        "data.eval: no question file is configured (data 'llava_json'): set data.eval.pope.random=FILE (POPE) "
+        "or +data.eval.vqa.test=FILE (VQA)"
+    )
+    plan = plan_benchmarks(compose_config([*recipe, f"data.eval.pope.random={pope}"]))
+    assert [b.key for b in plan] == ["pope_random"]  # not VQA, which has no file
+    with pytest.raises(
+        ConfigError, match=r"data\.eval\.vqa: no VQA question file .* set \+data\.eval\.vqa\.test=FILE"
+    ):
+        plan_benchmarks(
+            compose_config([*recipe, f"data.eval.pope.random={pope}", "evaluation.benchmarks=[pope,vqa]"])
+        )
+    # the hints, as printed, compose; without the `+` Hydra refuses
+    vqa = write_jsonl(
+        tmp_path / "vqa.jsonl", [{"question_id": 7, "image": "a.png", "text": "Colour?", "answer": "red"}]
+    )
+    assert [b.key for b in plan_benchmarks(compose_config([*recipe, f"+data.eval.vqa.test={vqa}"]))] == [
+        "vqa_test"
+    ]
+    with pytest.raises(ConfigCompositionException):
+        compose_config([*recipe, f"data.eval.vqa.test={vqa}"])

@@ -126,3 +126,76 @@ def test_bad_recipes_name_the_key(spec, message):
     }
     with pytest.raises(ValueError, match=message):
         build_model(**recipe, pretrained=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# pretrained: true: the checkpoint's config wins; a recipe value that disagrees is an error naming it
+def siglip_checkpoint(path: Path) -> Path:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+    )
+    SiglipVisionModel(config).save_pretrained(path)
+    SiglipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
+    return path
+
+
+def test_a_siglip_tower_by_path_builds_siglip_whatever_the_recipe_says(checkpoints, tmp_path):
+    """The class comes from the checkpoint's config: the CLIP recipe's tower given a SigLIP path is
+    SigLIP (its config values dropped, as a user swapping the tower does), with SigLIP's processor."""
+    from transformers import SiglipVisionModel
+
+    from moe_llava.model.builder import build_image_processor
+
+    path = siglip_checkpoint(tmp_path / "siglip")
+    model = build_model(
+        vision_tower={"name_or_path": str(path), "config": None},
+        language_model={"name_or_path": str(checkpoints["lm"])},
+    )
+    assert isinstance(model.vision_tower, SiglipVisionModel) and model.num_image_tokens == 16
+    assert type(build_image_processor({"name_or_path": str(path)})).__name__.startswith("Siglip")
+
+
+@pytest.mark.parametrize(
+    ("role", "values", "key"),
+    [
+        ("vision_tower", {"model_type": "clip_vision_model", "image_size": 336}, "model.vision_tower.config.image_size"),
+        ("vision_tower", {"model_type": "clip_vision_model"}, "model.vision_tower.config.model_type"),  # a SigLIP path
+        ("language_model", {"model_type": "phi", "num_hidden_layers": 32}, "model.language_model.config.num_hidden_layers"),
+        ("language_model", {"model_type": "phi", "max_position_embeddings": 4096}, "model.language_model.config.max_position_embeddings"),
+    ],
+)  # fmt: skip
+def test_a_recipe_value_the_checkpoint_disagrees_with_is_an_error_naming_the_key(
+    checkpoints, tmp_path, role, values, key
+):
+    from moe_llava.errors import ConfigError
+
+    siglip = role == "vision_tower" and len(values) == 1  # the CLIP recipe's model_type, a SigLIP path
+    vision = str(siglip_checkpoint(tmp_path / "siglip")) if siglip else str(checkpoints["vision"])
+    specs = {
+        "vision_tower": {"name_or_path": vision},
+        "language_model": {"name_or_path": str(checkpoints["lm"])},
+    }
+    specs[role]["config"] = values
+    with pytest.raises(
+        ConfigError, match=rf"^{key}: .* disagrees with .*'s config .*checkpoint's config wins"
+    ):
+        build_model(**specs)
+
+
+def test_recipe_values_that_agree_with_the_checkpoint_are_fine(checkpoints):
+    """The paper recipes' config blocks mirror their checkpoints: agreeing values (and a full CLIP's
+    vision half for a clip_vision_model recipe) pass."""
+    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "image_size": 16, "patch_size": 4}
+    lm = {"model_type": "phi", "hidden_size": 32, "num_hidden_layers": 4, "hidden_act": "gelu_new"}
+    model = build_model(
+        vision_tower={"name_or_path": str(checkpoints["clip_full"]), "config": vision},
+        language_model={"name_or_path": str(checkpoints["lm"]), "config": lm},
+    )
+    assert model.config.text_config.num_hidden_layers == 4

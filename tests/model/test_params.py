@@ -61,3 +61,34 @@ def test_meta_device_build_allocates_nothing():
             {"config": {"model_type": "llama", **tiny_llama_config().to_diff_dict()}}, False
         )
     assert all(p.device.type == "meta" for p in lm.parameters())
+
+
+def test_bytes_written_per_stage_for_phi2_x4_are_the_ones_docs_state():
+    """docs/training.md's storage table, computed from the recipe's shapes on the meta device."""
+    from moe_llava.model.params import storage_bytes
+    from moe_llava.training.stages import configure_trainable
+
+    model = instantiate(
+        OmegaConf.load(REPO / "conf/model/phi2_clip336.yaml"), pretrained=False, device="meta"
+    )
+    rows = []
+    for stage, groups in (
+        ("stage1", ["projector"]),
+        ("stage2", ["projector", "language_model"]),
+        ("stage3", None),
+    ):
+        if groups is None:
+            model.upcycle(num_experts=4, top_k=2, layers="sparse")
+            groups = ["projector", "ffn"]
+        trainable = set(configure_trainable(model, groups))
+        bf16 = storage_bytes(model, trainable, torch.bfloat16)
+        fp32 = storage_bytes(model, trainable, torch.float32)
+        gb = [
+            round(x / 1e9, 1)
+            for x in (bf16["export"], fp32["export"], bf16["checkpoint"], bf16["checkpoint_zero2_total"])
+        ]
+        rows.append(f"| {stage} | {gb[0]} GB | {gb[1]} GB | {gb[2]} GB | {gb[3]} GB |")
+    doc = (REPO / "docs" / "training.md").read_text()
+    for row in rows:
+        assert row in doc, f"docs/training.md should have the row\n{row}"
+    assert rows[2].startswith("| stage3 | 11.2 GB | 22.4 GB |")  # the MoE export halves in bf16

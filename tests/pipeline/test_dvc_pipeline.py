@@ -44,6 +44,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     assert main(["pipeline", "params", "--out", str(clone / "params"), *overrides]) == 0
     params = {s: yaml.safe_load((clone / "params" / f"{s}.yaml").read_text()) for s in STAGES}
     assert {p["run_dir"] for p in params.values()} == {"artifacts"}
+    assert yaml.safe_load((clone / "params" / "inputs.yaml").read_text())["run_dir"] == "artifacts"
     assert str(tmp_path) not in "".join((clone / "params" / f"{s}.yaml").read_text() for s in STAGES)
     run("git", "add", "-A", cwd=clone)
     run("git", "commit", "-qm", "shrunk params", cwd=clone)
@@ -93,11 +94,24 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     run("git", "add", "dvc.lock", cwd=clone)
     run("git", "commit", "-qm", "pipeline ran", cwd=clone)
 
-    # 5. a stage-3 value: exactly stage 3 and its evaluation rerun
+    # 5. registry and tracking values, regenerated into every params file as the flow does: no
+    # stage reads them (the registration runs after DVC), nothing reruns
+    def regenerate(*extra: str) -> None:
+        assert main(["pipeline", "params", "--out", str(clone / "params"), *overrides, *extra]) == 0
+
+    regenerate("registry.model_name=other", "registry.gate.min_margin=0.5", "logger.log_system_metrics=true")
+    assert ran(run("dvc", "repro", cwd=clone)) == []
+    # 6. an evaluation value and a moe value, regenerated into every params file as the flow does,
+    # then a stage-3 value in a DVC experiment: both evaluations rerun (and no training for the
+    # evaluation value); moe, read by stage 3 only, and the stage-3 value rerun stage 3 alone
+    regenerate("evaluation.max_new_tokens=3", "moe.router_aux_loss_coef=0.02")
+    params = {s: yaml.safe_load((clone / "params" / f"{s}.yaml").read_text()) for s in STAGES}
+    run("git", "add", "-A", cwd=clone)
+    run("git", "commit", "-qm", "evaluation and moe changed", cwd=clone)
     before = lock(clone)
     experiment = run("dvc", "exp", "run", "-S", "params/stage3.yaml:stage.lr=0.0007", cwd=clone, timeout=300)
-    assert sorted(ran(experiment)) == ["evaluate@stage3", "stage3"]
-    for stage in ("backbones", "stage1", "stage2", "evaluate@stage2"):
+    assert sorted(ran(experiment)) == ["evaluate@stage2", "evaluate@stage3", "stage3"]
+    for stage in ("backbones", "stage1", "stage2"):
         assert f"Stage '{stage}' didn't change" in experiment
     # -S rewrites the file through OmegaConf.to_object: the same values (nulls written as empty
     # values, the ${...} interpolation in hydra.run.dir resolved), stage.lr changed, nothing else
@@ -107,13 +121,15 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     assert rewritten == {**stage3, "stage": {**stage3["stage"], "lr": 0.0007}, "hydra": rewritten["hydra"]}
     after = lock(clone)
     assert after["stage3"]["params"]["params/stage3.yaml"]["stage"]["lr"] == 0.0007
-    for stage in ("backbones", "stage1", "stage2", "evaluate@stage2"):
+    assert after["stage3"]["params"]["params/stage3.yaml"]["moe"]["router_aux_loss_coef"] == 0.02
+    assert after["evaluate@stage2"]["params"]["params/stage2.yaml"]["evaluation"]["max_new_tokens"] == 3
+    for stage in ("backbones", "stage1", "stage2"):
         assert after[stage] == before[stage]
     assert after["stage3"]["outs"] != before["stage3"]["outs"]  # retrained: new weights
     status = run("git", "status", "--porcelain", cwd=clone)
     assert sorted(line[3:] for line in status.splitlines()) == ["dvc.lock", "params/stage3.yaml"]
 
-    # 6. stage 3 killed (SIGKILL at step 2, before its checkpoint), then `dvc repro` again: it resumes
+    # 7. stage 3 killed (SIGKILL at step 2, before its checkpoint), then `dvc repro` again: it resumes
     # from the step-1 checkpoint in the same MLflow run and trains each sample once
     params_file = clone / "params" / "stage3.yaml"
     stage3 = yaml.safe_load(params_file.read_text())

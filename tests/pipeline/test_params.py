@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from moe_llava.cli import main
 from moe_llava.paths import CONF_DIR
 from moe_llava.pipeline.params import (
     DEFAULT_OVERRIDES,
+    INPUTS_FILE,
+    NOT_READ,
     STAGES,
+    TRACKED,
     compose_stage,
     stale_params,
     write_params,
@@ -42,7 +46,8 @@ def differences(a, b, prefix: str = "") -> set[str]:
 def defaults(tmp_path_factory) -> dict[str, dict]:
     """The three files written with the default overrides, parsed."""
     out = tmp_path_factory.mktemp("default_params")
-    assert [p.name for p in write_params(DEFAULT_OVERRIDES, out)] == [f"{s}.yaml" for s in STAGES]
+    written = [p.name for p in write_params(DEFAULT_OVERRIDES, out)]
+    assert written == [*(f"{s}.yaml" for s in STAGES), INPUTS_FILE]
     return {stage: load(out / f"{stage}.yaml") for stage in STAGES}
 
 
@@ -80,7 +85,7 @@ def test_stage3_preset_value_changes_stage3_only(tmp_path, defaults, monkeypatch
     tmp_path = tmp_path / "params"
     overrides = list(DEFAULT_OVERRIDES)
     changed = write_params(overrides, tmp_path)
-    assert len(changed) == 3  # new files (their headers name the overrides) ...
+    assert len(changed) == 4  # new files (their headers name the overrides) ...
     for stage in ("stage1", "stage2"):  # ... but the values of stages 1 and 2 are untouched
         assert load(tmp_path / f"{stage}.yaml") == defaults[stage]
     stage3 = load(tmp_path / "stage3.yaml")
@@ -127,3 +132,120 @@ def test_each_file_is_a_standalone_hydra_config(tmp_path, stage):
     assert loaded.stage == expected.stage
     assert loaded.stage.lr == 0.123 and loaded.stage.weight_decay == 0.01
     assert OmegaConf.to_container(loaded) == OmegaConf.to_container(expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each stage of dvc.yaml depends on the parameters it reads, no more (the real `dvc repro` runs are in
+# test_dvc_pipeline.py and tests/recipes/).
+def dvc_params() -> dict[str, list[str]]:
+    """The params keys dvc.yaml lists per stage (evaluate: the foreach template)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    listed = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        [entry] = body["params"]
+        [(file, keys)] = entry.items()
+        assert file == (
+            "params/${key}.yaml"
+            if name == "evaluate"
+            else f"params/{'stage1' if name == 'backbones' else name}.yaml"
+        )
+        listed[name] = keys
+    return listed
+
+
+def test_dvc_yaml_lists_what_each_stage_reads():
+    assert dvc_params() == {stage: list(keys) for stage, keys in TRACKED.items()}
+
+
+def leaves(node, prefix: str = "") -> set[str]:
+    if isinstance(node, dict) and node:
+        return {leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}{key}.")}
+    return {prefix.rstrip(".")}
+
+
+def covered(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+# who reads which file: backbones and stage 1 read stage1.yaml, each evaluation its stage's file
+READERS = {
+    "stage1": ("backbones", "stage1"),
+    "stage2": ("stage2", "evaluate"),
+    "stage3": ("stage3", "evaluate"),
+}
+
+
+@pytest.mark.parametrize("experiment", ["tiny_cpu", "phi2_clip336"])
+def test_every_key_is_a_parameter_of_the_stage_or_says_why_not(tmp_path, experiment):
+    """No key of a params file escapes: it is tracked by each stage reading the file, or NOT_READ says why."""
+    write_params([f"experiment={experiment}"], tmp_path)
+    for file, readers in READERS.items():
+        keys = leaves(load(tmp_path / f"{file}.yaml"))
+        for stage in readers:
+            loose = {k for k in keys if not covered(k, TRACKED[stage]) and not covered(k, NOT_READ[stage])}
+            assert not loose, f"{stage} ({file}.yaml): keys neither tracked nor explained: {sorted(loose)}"
+
+
+def test_moe_evaluation_and_registry_values_are_read_by_their_stages_only():
+    """What a value reaches, by the lists DVC uses: moe only stage 3, evaluation only evaluate@,
+    registry and logger no stage (the registration runs in the flow after DVC)."""
+    readers = {key: {s for s, keys in TRACKED.items() if covered(key, keys)} for key in (
+        "moe.num_experts", "evaluation.max_new_tokens", "data.eval.pope.random", "registry.model_name",
+        "logger.tracking_uri", "stage.lr", "model.language_model", "data.stages.stage3.train")}  # fmt: skip
+    assert readers == {
+        "moe.num_experts": {"stage3"},
+        "evaluation.max_new_tokens": {"evaluate"},
+        "data.eval.pope.random": {"evaluate"},
+        "registry.model_name": set(),
+        "logger.tracking_uri": set(),
+        "stage.lr": {"stage1", "stage2", "stage3"},
+        "model.language_model": {"backbones", "stage1"},
+        "data.stages.stage3.train": {"stage3"},
+    }
+
+
+def test_inputs_name_local_files_anywhere_and_leave_hub_ids_out(tmp_path):
+    """params/inputs.yaml: a real recipe's data outside the repository and a local tower are
+    dependencies; a hub id is not (its code folder stands in); the evaluation's question files."""
+    pope = tmp_path / "pope" / "coco_pope_random.json"
+    overrides = [
+        "experiment=phi2_clip336",
+        f"data.root={tmp_path}/llava",
+        f"model.vision_tower.name_or_path={tmp_path}/towers/clip",
+        f"data.eval.pope.random={pope}",
+        f"run_dir={tmp_path}/runs/phi2",
+    ]
+    write_params(overrides, tmp_path / "params")
+    inputs = load(tmp_path / "params" / INPUTS_FILE)
+    assert inputs["run_dir"] == f"{tmp_path}/runs/phi2"
+    assert inputs["inputs"]["stage1"] == {
+        "train": f"{tmp_path}/llava/blip_laion_cc_sbu_558k.json",
+        "val": "src/moe_llava/training",
+        "images": f"{tmp_path}/llava/images",
+        "tokenizer": "src/moe_llava/training",  # the LM's own (a hub id)
+        "vision": f"{tmp_path}/towers/clip",
+        "language": "src/moe_llava/training",  # microsoft/phi-2: a hub id
+        "init": "src/moe_llava/training",
+    }
+    assert inputs["inputs"]["stage3"]["init"] == f"{tmp_path}/runs/phi2/stage2/export"
+    assert inputs["inputs"]["backbones"] == {
+        k: "src/moe_llava/pretrain" for k in ("data", "images", "tokenizer")
+    }
+    evaluate = inputs["evaluate"]["stage3"]
+    assert evaluate["model"] == f"{tmp_path}/runs/phi2/stage3/export" and evaluate["q0"] == str(pope)
+    assert {evaluate[f"q{i}"] for i in range(1, 8)} == {"src/moe_llava/evaluation"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stage.upcycle=true", r"stage\.upcycle \(stage1\): dvc\.yaml tracks moe\.\* for stage3 only"),
+        ("run_dir=data/runs", r"run_dir: .*inside data/, which data\.dvc tracks"),
+    ],
+)
+def test_what_dvc_cannot_run_is_refused_with_the_reason(tmp_path, capsys, override, message):
+    assert main(["pipeline", "params", "--out", str(tmp_path / "params"), *DEFAULT_OVERRIDES, override]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "params").exists()  # nothing written

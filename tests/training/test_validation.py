@@ -159,10 +159,13 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["stage.epochs=two"], "stage.epochs"),
         (["moe.router_aux_loss_coef=-1"], "moe.router_aux_loss_coef"),
         (["trainer.accelerator=quantum"], "trainer.accelerator"),
+        (["export.dtype=fp8"], "export.dtype"),
+        (["export.max_shard_size=big"], "export.max_shard_size"),
         (["++stage_overrides.stage1.lr=0.1"], "stage_overrides"),  # the old mechanism is not ignored
         (["+data.max_lenght=128"], "data.max_lenght"),  # a typo in the data group
         (["data.max_length=0"], "data.max_length"),
         (["data.overlength=cut"], "data.overlength"),
+        (["data.leading_gpt=keep"], "data.leading_gpt"),
         (["data.max_image_pixels=-1"], "data.max_image_pixels"),
         (["data.pad_color=[1,2]"], "data.pad_color"),
         (["data.validation.image_check=everything"], "data.validation.image_check"),

@@ -89,7 +89,18 @@ def _add_check_args(p: argparse.ArgumentParser) -> None:
         "--max-image-pixels", type=int, default=None, help="decompression-bomb guard (default 40M)"
     )
     p.add_argument("--image-check", choices=("full", "header", "exists", "none"), default="full")
-    p.add_argument("--overlength", choices=("reject", "truncate"), default="reject")
+    p.add_argument(
+        "--overlength",
+        choices=("reject", "truncate", "truncate_turns"),
+        default="reject",
+        help="over max_length: quarantine (default), cut the token tail, or keep the whole exchanges that fit",
+    )
+    p.add_argument(
+        "--leading-gpt",
+        choices=("reject", "drop"),
+        default="reject",
+        help="a conversation starting with an assistant turn: quarantine (default) or drop that turn",
+    )
     p.add_argument("--workers", type=int, default=1, help="threads for image checks")
     p.add_argument("--no-progress", action="store_true")
 
@@ -112,6 +123,7 @@ def _validator(args: argparse.Namespace):
         max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
         image_check=args.image_check,
         overlength=args.overlength,
+        leading_gpt=args.leading_gpt,
     )
 
 

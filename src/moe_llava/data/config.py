@@ -67,6 +67,7 @@ def validator_from_config(
         max_image_pixels=int(_get(cfg, "max_image_pixels", 40_000_000)),
         image_check=_get(validation, "image_check", "full"),
         overlength=_get(cfg, "overlength", "reject"),
+        leading_gpt=_get(cfg, "leading_gpt", "reject"),
     )
 
 

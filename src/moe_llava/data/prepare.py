@@ -7,10 +7,11 @@ the outputs are still written (so the quarantine can be inspected) and
 
 Outputs in ``out_dir``:
 
-* ``manifest.json`` (or ``.jsonl`` if the input was JSON Lines): the valid records, unchanged;
+* ``manifest.json`` (or ``.jsonl`` if the input was JSON Lines): the valid records, unchanged or
+  as repaired by the ``leading_gpt`` / ``overlength`` policies (:mod:`moe_llava.data.validation`);
 * ``quarantine.jsonl``: ``{"index", "line", "location", "id", "reasons", "issues", "record"}`` per
   rejected record (``location``: ``line N`` in JSON Lines, ``record #i`` in a JSON array);
-* ``counts.json``: totals, per-reason counts, the settings used.
+* ``counts.json``: totals, per-reason counts, per-repair counts (``fixed``), the settings used.
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ class PrepareResult:
     kept: int
     rejected: int
     reasons: dict[str, int] = field(default_factory=dict)
+    fixed: dict[str, int] = field(default_factory=dict)  # kept records repaired, per Fix
 
     @property
     def rejected_fraction(self) -> float:
         return self.rejected / self.total if self.total else 0.0
 
     def summary(self) -> str:
+        repaired = ", ".join(f"{fix} {count}" for fix, count in sorted(self.fixed.items()))
         lines = [
-            f"{self.total} record(s): {self.kept} kept, {self.rejected} quarantined "
-            f"({100 * self.rejected_fraction:.2f}%) -> {self.manifest}"
+            f"{self.total} record(s): {self.kept} kept{f' ({repaired})' if repaired else ''}, "
+            f"{self.rejected} quarantined ({100 * self.rejected_fraction:.2f}%) -> {self.manifest}"
         ]
         lines += [
             f"  {reason}: {count}"
@@ -79,12 +82,14 @@ def prepare_manifest(
     quarantine_path = out_dir / "quarantine.jsonl"
     counts_path = out_dir / "counts.json"
     reasons: Counter = Counter()
+    fixed: Counter = Counter()
     total = kept = 0
     with ManifestWriter(clean_path) as clean, ManifestWriter(quarantine_path) as quarantine:
         for entry, check in iter_checks(manifest, validator, workers=workers, progress=progress):
             total += 1
             if check.ok:
-                clean.write(entry.record)
+                clean.write(entry.record if check.record is None else check.record)
+                fixed.update(check.fixes)
                 kept += 1
                 continue
             reasons.update(check.reasons)
@@ -100,7 +105,14 @@ def prepare_manifest(
                 }
             )
     result = PrepareResult(
-        clean_path, quarantine_path, counts_path, total, kept, total - kept, dict(sorted(reasons.items()))
+        clean_path,
+        quarantine_path,
+        counts_path,
+        total,
+        kept,
+        total - kept,
+        dict(sorted(reasons.items())),
+        dict(sorted(fixed.items())),
     )
     counts = {
         "source": str(manifest),
@@ -110,16 +122,8 @@ def prepare_manifest(
         "rejected_fraction": round(result.rejected_fraction, 6),
         "max_rejected_fraction": max_rejected_fraction,
         "reasons": result.reasons,
-        "settings": {
-            "image_folder": None if validator.image_folder is None else str(validator.image_folder),
-            "template": getattr(validator.template, "name", None),
-            "max_length": validator.max_length,
-            "num_image_tokens": validator.num_image_tokens,
-            "max_image_pixels": validator.max_image_pixels,
-            "image_check": validator.image_check,
-            "overlength": validator.overlength,
-            "token_checks": validator.checks_tokens,
-        },
+        "fixed": result.fixed,
+        "settings": validator.settings(),
     }
     counts_path.write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
     if progress:

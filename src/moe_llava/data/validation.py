@@ -6,6 +6,16 @@ used in reports, quarantine files and counts.
 
 Token-level checks (``too_long``, ``fully_masked``, ``template_mismatch``) run only when a
 tokenizer and a template are configured, because they depend on the model.
+
+Two policies repair a record instead of rejecting it, as the reference implementation does; each
+repair is named (:class:`Fix`) and counted, and the repaired record is what preparation keeps:
+
+* ``leading_gpt: drop``: a conversation whose first turn is the assistant's loses that turn (the
+  reference skips it); ``reject`` quarantines it (``not_starting_with_human``);
+* ``overlength: truncate_turns``: an over-long conversation keeps its longest prefix of whole
+  exchanges (question and answer) that fits in ``max_length``, so it is cut at the end of a turn;
+  ``truncate`` cuts the token tail (possibly inside an answer, never into image tokens); ``reject``
+  quarantines it (``too_long``).
 """
 
 from __future__ import annotations
@@ -58,8 +68,20 @@ class Reason(StrEnum):
         return self.value
 
 
+class Fix(StrEnum):
+    """How a record was repaired (``leading_gpt: drop``, ``overlength: truncate_turns``)."""
+
+    DROPPED_LEADING_GPT = "dropped_leading_gpt"  # the first (assistant) turn removed
+    TRUNCATED_TURNS = "truncated_turns"  # the exchanges after the last one that fits removed
+
+    def __str__(self) -> str:
+        return self.value
+
+
 REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
-OVERLENGTH_POLICIES = ("reject", "truncate")
+FIXES: tuple[str, ...] = tuple(f.value for f in Fix)
+OVERLENGTH_POLICIES = ("reject", "truncate", "truncate_turns")
+LEADING_GPT_POLICIES = ("reject", "drop")
 IMAGE_CHECKS = ("full", "header", "exists", "none")
 
 
@@ -83,6 +105,8 @@ class RecordCheck:
     issues: list[Issue] = field(default_factory=list)
     num_tokens: int | None = None
     location: str = ""  # for messages: "line N" (JSON Lines) or "record #i" (JSON array)
+    fixes: list[str] = field(default_factory=list)  # repairs applied (Fix), in order
+    record: dict | None = None  # the repaired record (None: the record is kept as it is)
 
     def __post_init__(self) -> None:
         self.location = self.location or (f"line {self.line}" if self.line else f"record #{self.index}")
@@ -110,14 +134,16 @@ def record_images(record: dict) -> list[Any]:
 def fit_to_length(
     sample: TokenizedSample, max_length: int | None, overlength: str, image_token_id: int | None
 ) -> tuple[TokenizedSample | None, str | None]:
-    """Apply the overlength policy. Returns ``(sample, None)`` or ``(None, reason)``.
+    """Apply the overlength policy to a tokenized sample. Returns ``(sample, None)`` or ``(None, reason)``.
 
     ``truncate`` cuts the tail but never inside or before an image's tokens (the model needs all of
     them); a truncation that leaves no supervised answer token is ``fully_masked``.
+    ``truncate_turns`` works on the record (:meth:`Validator.check_record`, in data preparation):
+    a sample still too long here is ``too_long``.
     """
     if max_length is None or len(sample) <= max_length:
         return sample, None
-    if overlength == "reject":
+    if overlength in ("reject", "truncate_turns"):
         return None, Reason.TOO_LONG.value
     ids, labels = sample.input_ids[:max_length], sample.labels[:max_length]
     if image_token_id is not None and sample.input_ids[max_length:].count(image_token_id):
@@ -146,12 +172,15 @@ class Validator:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     image_check: str = "full"
     overlength: str = "reject"
+    leading_gpt: str = "reject"
 
     def __post_init__(self) -> None:
         if self.image_check not in IMAGE_CHECKS:
             raise ValueError(f"image_check must be one of {IMAGE_CHECKS}, got {self.image_check!r}")
         if self.overlength not in OVERLENGTH_POLICIES:
             raise ValueError(f"overlength must be one of {OVERLENGTH_POLICIES}, got {self.overlength!r}")
+        if self.leading_gpt not in LEADING_GPT_POLICIES:
+            raise ValueError(f"leading_gpt must be one of {LEADING_GPT_POLICIES}, got {self.leading_gpt!r}")
         if self.template is not None:
             self.template = get_template(self.template)
         self._image_token_id = None
@@ -161,6 +190,24 @@ class Validator:
     @property
     def checks_tokens(self) -> bool:
         return self.tokenizer is not None and self.template is not None
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the verdicts (JSON-able): recorded in counts.json, compared before re-preparing."""
+        tokenizer = self.tokenizer
+        return {
+            "image_folder": None if self.image_folder is None else str(self.image_folder),
+            "template": getattr(self.template, "name", None),
+            "tokenizer": None
+            if tokenizer is None
+            else f"{getattr(tokenizer, 'name_or_path', '?')} ({len(tokenizer)} tokens)",
+            "max_length": self.max_length,
+            "num_image_tokens": self.num_image_tokens,
+            "max_image_pixels": self.max_image_pixels,
+            "image_check": self.image_check,
+            "overlength": self.overlength,
+            "leading_gpt": self.leading_gpt,
+            "token_checks": self.checks_tokens,
+        }
 
     def check_entry(self, entry: ManifestEntry) -> RecordCheck:
         if entry.error is not None:
@@ -173,6 +220,7 @@ class Validator:
         """All issues of one record (thread-safe; duplicate ids are checked by the manifest pass).
 
         ``location`` names the record in messages (default: ``line`` if given, else ``record #index``).
+        A repaired record (the policies above) is in ``result.record``, its repairs in ``result.fixes``.
         """
         if not isinstance(record, dict):
             result = RecordCheck(index, line, None, location=location)
@@ -186,6 +234,7 @@ class Validator:
             result.add(
                 Reason.MALFORMED_RECORD, "id", f"id must be a non-empty string or integer, got {rid!r}"
             )
+        record = self._drop_leading_gpt(record, result)
         images = self._check_image_field(record, result)
         structure_ok = self._check_conversation(record, result, len(images) if images is not None else None)
         if images:
@@ -196,6 +245,21 @@ class Validator:
         if structure_ok and images is not None and self.checks_tokens:
             self._check_tokens(record, result)
         return result
+
+    def _drop_leading_gpt(self, record: dict, result: RecordCheck) -> dict:
+        """``leading_gpt: drop``: the record without its first turn when that is the assistant's."""
+        turns = record.get("conversations")
+        if (
+            self.leading_gpt != "drop"
+            or not isinstance(turns, list)
+            or len(turns) < 2
+            or not isinstance(turns[0], dict)
+            or ROLE_ALIASES.get(turns[0].get("from")) != GPT
+        ):
+            return record
+        result.fixes.append(Fix.DROPPED_LEADING_GPT.value)
+        result.record = {**record, "conversations": turns[1:]}
+        return result.record
 
     def _check_image_field(self, record: dict, result: RecordCheck) -> list[Any] | None:
         image = record.get("image")
@@ -313,6 +377,12 @@ class Validator:
             )
             return
         result.num_tokens = len(sample)
+        if (
+            self.overlength == "truncate_turns"
+            and self.max_length is not None
+            and len(sample) > self.max_length
+        ):
+            sample = self._truncate_turns(record, sample, result)
         fitted, reason = fit_to_length(sample, self.max_length, self.overlength, self._image_token_id)
         if reason is not None:
             result.add(reason, "conversations", f"{len(sample)} tokens > max_length {self.max_length}")
@@ -320,6 +390,29 @@ class Validator:
         assert fitted is not None
         if answer_token_count(fitted, getattr(self.tokenizer, "eos_token_id", None)) == 0:
             result.add(Reason.FULLY_MASKED, "conversations", "no answer token would be supervised (loss 0)")
+
+    def _truncate_turns(self, record: dict, sample: TokenizedSample, result: RecordCheck) -> TokenizedSample:
+        """``overlength: truncate_turns``: the longest prefix of whole exchanges that fits (and keeps
+        every ``<image>``), as ``result.record``; ``sample`` unchanged when none fits."""
+        assert isinstance(self.template, ConversationTemplate) and self.max_length is not None
+        turns = record["conversations"]
+        images = len(record_images(record))
+        for end in range(len(turns) - 2, 0, -2):  # drop one exchange (question + answer) at a time
+            kept = turns[:end]
+            if sum(t["value"].count(IMAGE_TOKEN) for t in kept) != images:
+                break  # an image's placeholder would go: no shorter prefix keeps it either
+            shorter = self.template.encode(
+                kept,
+                self.tokenizer,
+                num_image_tokens=self.num_image_tokens,
+                image_token_id=self._image_token_id,
+            )
+            if len(shorter) <= self.max_length:
+                result.fixes.append(Fix.TRUNCATED_TURNS.value)
+                result.record = {**record, "conversations": kept}
+                result.num_tokens = len(shorter)
+                return shorter
+        return sample
 
 
 def iter_checks(
@@ -373,6 +466,7 @@ class ValidationReport:
     total: int = 0
     invalid: list[RecordCheck] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    fixed: Counter = field(default_factory=Counter)  # repairs of kept records, per Fix
     token_checks: bool = False
 
     @property
@@ -388,6 +482,8 @@ class ValidationReport:
         if not check.ok:
             self.invalid.append(check)
             self.counts.update(check.reasons)
+        else:
+            self.fixed.update(check.fixes)
 
     def format(self, max_records: int | None = None) -> str:
         lines = [f"manifest: {self.manifest}"]
@@ -404,6 +500,8 @@ class ValidationReport:
         )
         for reason, count in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {reason}: {count}")
+        for fix, count in sorted(self.fixed.items()):
+            lines.append(f"  kept after repair, {fix}: {count}")
         if not self.token_checks:
             lines.append(
                 "  (token checks skipped: pass a tokenizer and a template to check length and label masks)"
@@ -417,6 +515,7 @@ class ValidationReport:
             "valid": self.total - self.num_invalid,
             "invalid": self.num_invalid,
             "reasons": dict(sorted(self.counts.items())),
+            "fixed": dict(sorted(self.fixed.items())),
             "token_checks": self.token_checks,
         }
 

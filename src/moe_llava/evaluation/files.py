@@ -43,6 +43,19 @@ class Question:
     # the record as the file has it (e.g. ShapesWorld POPE's `object`, for data.eval.pope_groups)
     source: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def file_id(self) -> str | int:
+        """The id as the question file has it (an integer stays an integer in answer files)."""
+        for key in ("question_id", "id"):
+            value = self.source.get(key)
+            if (
+                isinstance(value, (str, int))
+                and not isinstance(value, bool)
+                and str(value) == self.question_id
+            ):
+                return value
+        return self.question_id
+
 
 @dataclass
 class Answer:

@@ -47,10 +47,12 @@ def _names(value: Any, key: str) -> list[str] | None:
 
 def validate_eval_config(ev: Mapping[str, Any]) -> None:
     """Check ``evaluation.*`` before any work starts; errors name the key."""
-    benchmarks = _names(ev.get("benchmarks"), "evaluation.benchmarks") or []
-    if not benchmarks or any(b not in BENCHMARKS for b in benchmarks):
+    benchmarks = _names(ev.get("benchmarks"), "evaluation.benchmarks")
+    if benchmarks is not None and (not benchmarks or any(b not in BENCHMARKS for b in benchmarks)):
         raise ConfigError(
-            "evaluation.benchmarks", f"must be a non-empty subset of {list(BENCHMARKS)}, got {benchmarks}"
+            "evaluation.benchmarks",
+            f"must be null (every benchmark with a question file) or a non-empty subset of "
+            f"{list(BENCHMARKS)}, got {benchmarks}",
         )
     for key in ("batch_size", "max_new_tokens"):
         value = ev.get(key)
@@ -71,35 +73,59 @@ def validate_eval_config(ev: Mapping[str, Any]) -> None:
             ) from None
 
 
+def _setting(node: Any, key: str, name: str) -> str:
+    """A Hydra override that sets ``<key>.<name>``: ``+`` adds a key the config does not have yet."""
+    present = name in (node or {})
+    return f"{'' if present else '+'}{key}.{name}=FILE"
+
+
 def plan_benchmarks(cfg: DictConfig) -> list[Benchmark]:
-    """The question files to evaluate, from ``data.eval.{pope,vqa}`` and ``evaluation.*``."""
+    """The question files to evaluate, from ``data.eval.{pope,vqa}`` and ``evaluation.*``.
+
+    ``evaluation.benchmarks: null`` runs every kind that has a question file configured (a real
+    dataset without VQA files evaluates POPE only); a kind named explicitly must have one.
+    """
     ev = cfg.evaluation
     eval_data = cfg.data.get("eval") or {}
+    chosen = _names(ev.get("benchmarks"), "evaluation.benchmarks")
     plan: list[Benchmark] = []
     for kind, benchmark in BENCHMARKS.items():
-        if kind not in _names(ev.benchmarks, "evaluation.benchmarks"):
+        if chosen is not None and kind not in chosen:
             continue
         selection_key = benchmark.selection_key
-        files = {str(k): v for k, v in (eval_data.get(kind) or {}).items()}
+        node = eval_data.get(kind) or {}
+        files = {str(k): v for k, v in node.items()}
         wanted = _names(ev.get(selection_key), f"evaluation.{selection_key}")
         if wanted is None:
             wanted = [name for name, path in files.items() if path]
+            if not wanted and chosen is None:
+                continue  # not configured: not evaluated
             if not wanted:
+                example = next(iter(files), "test" if kind == "vqa" else "random")
                 raise ConfigError(
                     f"data.eval.{kind}",
                     f"no {kind.upper()} question file is configured (data {cfg.data.get('name')!r}); "
-                    f"set data.eval.{kind}.<name>=FILE or drop {kind!r} from evaluation.benchmarks",
+                    f"set {_setting(node, f'data.eval.{kind}', example)} "
+                    f"or drop {kind!r} from evaluation.benchmarks",
                 )
         for name in wanted:
             if not files.get(name):
                 raise ConfigError(
                     f"evaluation.{selection_key}",
-                    f"{name!r} has no file in data.eval.{kind} (configured: {sorted(n for n, p in files.items() if p)})",
+                    f"{name!r} has no file in data.eval.{kind} (configured: "
+                    f"{sorted(n for n, p in files.items() if p)}); set {_setting(node, f'data.eval.{kind}', name)}",
                 )
             path = Path(str(files[name]))
             if not path.is_file():
                 raise ConfigError(f"data.eval.{kind}.{name}", f"question file not found: {path}")
             plan.append(benchmark(name, path))
+    if not plan:
+        raise ConfigError(
+            "data.eval",
+            f"no question file is configured (data {cfg.data.get('name')!r}): set "
+            f"{_setting(eval_data.get('pope'), 'data.eval.pope', 'random')} (POPE) or "
+            f"{_setting(eval_data.get('vqa'), 'data.eval.vqa', 'test')} (VQA)",
+        )
     if eval_data.get("pope_groups") and any(isinstance(b, PopeBenchmark) for b in plan):
         groups = _pope_groups(eval_data.get("pope_groups"))
         for bench in plan:
@@ -196,10 +222,17 @@ def evaluate_benchmark(loaded, bench: Benchmark, ev: Mapping, image_folder, out_
     )
     seconds = time.perf_counter() - started
     by_id = {a["question_id"]: a["text"] for a in generated}
-    prompts = {q.question_id: q.text for q in questions}
-    write_jsonl(
+    asked = {q.question_id: q for q in questions}
+    write_jsonl(  # question_id as the question file has it (1, not "1": LLaVA's scripts match it)
         out_dir / "answers" / f"{bench.key}.jsonl",
-        ({"question_id": qid, "prompt": prompts.get(qid), "text": text} for qid, text in by_id.items()),
+        (
+            {
+                "question_id": asked[qid].file_id if qid in asked else qid,
+                "prompt": asked[qid].text if qid in asked else None,
+                "text": text,
+            }
+            for qid, text in by_id.items()
+        ),
     )
     score = bench.score(by_id)
     score.update(questions_file=str(bench.path), generation_s=seconds)
@@ -303,7 +336,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         )
     plan = plan_benchmarks(cfg)
     started = time.perf_counter()
-    image_folder = cfg.data.get("image_folder")
+    # the benchmarks' images: data.eval.image_folder (e.g. COCO val2014 for POPE), else the training images'
+    image_folder = (cfg.data.get("eval") or {}).get("image_folder") or cfg.data.get("image_folder")
     # every question file is read and checked before the model loads: a bad line fails in seconds
     for bench in plan:
         bench.load(prompt_suffix=ev.get("prompt_suffix"), limit=ev.get("limit"), image_folder=image_folder)

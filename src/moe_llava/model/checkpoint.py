@@ -67,14 +67,13 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     raise CheckpointError(f"no {SAFE_WEIGHTS}: only safetensors weights are loaded{found}", file=model_dir)
 
 
-def load_export_model(model_dir: str | Path, **kwargs: Any):
-    """``MoELlavaForCausalLM.from_pretrained(model_dir, **kwargs)`` after the checks above."""
+def check_export(model_dir: str | Path) -> dict[str, Any]:
+    """Everything :func:`load_export_model` checks before reading weights: config.json, the
+    safetensors files and their headers (no tensor is read). Returns the config as a dict."""
     from safetensors import SafetensorError, safe_open
 
-    from moe_llava.model.modeling import MoELlavaForCausalLM
-
     model_dir = Path(model_dir)
-    check_export_config(model_dir)
+    config = check_export_config(model_dir)
     for file in weight_files(model_dir):
         try:
             with safe_open(str(file), framework="pt"):  # reads the header only
@@ -85,6 +84,22 @@ def load_export_model(model_dir: str | Path, **kwargs: Any):
                 "(e.g. a pickle) under this name",
                 file=file,
             ) from None
+    return config
+
+
+def load_export_model(model_dir: str | Path, **kwargs: Any):
+    """``MoELlavaForCausalLM.from_pretrained(model_dir, **kwargs)`` after the checks above.
+
+    Weights load in float32 unless ``dtype`` says otherwise (whatever the export was written in:
+    a bfloat16 export trains on with float32 weights under mixed precision).
+    """
+    import torch
+
+    from moe_llava.model.modeling import MoELlavaForCausalLM
+
+    model_dir = Path(model_dir)
+    check_export(model_dir)
+    kwargs.setdefault("dtype", torch.float32)
     model, info = MoELlavaForCausalLM.from_pretrained(
         model_dir,
         use_safetensors=True,
@@ -109,3 +124,39 @@ def _names(keys: Any, shown: int = 3) -> str:
     keys = [k if isinstance(k, str) else k[0] for k in keys]  # mismatched: (key, ckpt shape, model shape)
     more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
     return f"{sorted(keys)[:shown]}{more}"
+
+
+def save_weights(model, folder: str | Path, *, dtype=None, max_shard_size: int | str = "5GB") -> None:
+    """``model.save_pretrained(folder)`` with the weights as ``dtype`` on disk (None: as they are).
+
+    The live model is not touched: its state dict is cast tensor by tensor (tied weights stay one
+    tensor), the modules ``_keep_in_fp32_modules`` names (the routers) stay float32, and
+    ``config.json`` records the dtype written. Above ``max_shard_size`` the weights are
+    safetensors shards with an index (:func:`weight_files` reads both).
+    """
+    import torch
+
+    folder = Path(folder)
+    state_dict = None
+    if dtype is not None and dtype != model.dtype:
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+        cast: dict[tuple, torch.Tensor] = {}
+        state_dict = {}
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or any(f".{m}." in f".{name}" for m in keep):
+                state_dict[name] = tensor
+                continue
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if key not in cast:
+                cast[key] = tensor.detach().to(dtype)
+            state_dict[name] = cast[key]
+    model.save_pretrained(folder, state_dict=state_dict, max_shard_size=max_shard_size)
+    if state_dict is not None:  # save_pretrained records the live model's dtype
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        name = str(dtype).removeprefix("torch.")
+        config["dtype"] = name
+        for sub in ("text_config", "vision_config"):
+            if isinstance(config.get(sub), dict) and "dtype" in config[sub]:
+                config[sub]["dtype"] = name
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

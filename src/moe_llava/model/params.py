@@ -43,3 +43,43 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         activated=sum(p.activated for p in parts.values()),
         parts=parts,
     )
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, object]:
+    """Name -> tensor of the state dict, a tied tensor once (as safetensors stores it)."""
+    seen: set[tuple] = set()
+    unique = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = (id(tensor),)
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor
+    return unique
+
+
+def storage_bytes(model: nn.Module, trainable: set[str], export_dtype) -> dict[str, int]:
+    """What one stage of ``model`` writes, computed from shapes (works on the ``meta`` device).
+
+    * ``export``: the stage export's weights in ``export_dtype`` (the ``_keep_in_fp32_modules``,
+      the routers, in float32);
+    * ``checkpoint``: one Lightning checkpoint of a single-file strategy (ddp, fsdp with a full
+      state dict): float32 weights of every parameter plus AdamW's two float32 moments per
+      trainable one (the ``trainable`` parameter names);
+    * ``checkpoint_zero2_total``: the same under DeepSpeed ZeRO-2 (bf16-mixed), over all ranks:
+      bfloat16 weights, a float32 master copy and two moments per trainable parameter.
+    """
+    import torch
+
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    size = torch.empty((), dtype=export_dtype).element_size()
+    export = checkpoint = zero2 = 0
+    for name, tensor in _unique_tensors(model).items():
+        n = tensor.numel()
+        fp32 = any(f".{m}." in f".{name}" for m in keep) or not tensor.is_floating_point()
+        export += n * (tensor.element_size() if fp32 else size)
+        checkpoint += n * 4
+        zero2 += n * 2
+        if name in trainable:
+            checkpoint += n * 8
+            zero2 += n * 12
+    return {"export": export, "checkpoint": checkpoint, "checkpoint_zero2_total": zero2}

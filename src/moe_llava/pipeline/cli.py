@@ -1,4 +1,5 @@
-"""``moe-llava pipeline params [--check] [overrides...]``: write (or check) ``params/<stage>.yaml``."""
+"""``moe-llava pipeline params [--check] [overrides...]``: write (or check) ``params/<stage>.yaml`` and
+``params/inputs.yaml``; a configuration dvc.yaml cannot run is refused with the reason (exit 2)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pipeline", help="the DVC/Prefect pipeline: its parameter files")
     commands = parser.add_subparsers(dest="pipeline_command", required=True, metavar="PIPELINE_COMMAND")
     params = commands.add_parser(
-        "params", help="compose conf/ per stage into params/<stage>.yaml (dvc.yaml's parameters)"
+        "params",
+        help="compose conf/ per stage into params/<stage>.yaml (dvc.yaml's parameters) and params/inputs.yaml",
     )
     params.add_argument(
         "overrides", nargs="*", help="Hydra overrides (default: experiment=tiny_cpu, the embedded default)"
@@ -36,5 +38,5 @@ def _params(args: argparse.Namespace) -> int:
             print(f"regenerate: moe-llava pipeline params {' '.join(overrides)}", file=sys.stderr)
         return 1 if stale else 0
     changed = write_params(overrides, out_dir)
-    print(f"{len(changed)} of 3 parameter files changed in {out_dir}: {[p.name for p in changed]}")
+    print(f"{len(changed)} of 4 parameter files changed in {out_dir}: {[p.name for p in changed]}")
     return 0

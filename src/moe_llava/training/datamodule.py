@@ -10,10 +10,53 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
-from moe_llava.data.config import dataset_from_config, prepare_stage, stage_manifest
+from moe_llava.data.config import dataset_from_config, prepare_stage, stage_manifest, validator_from_config
 from moe_llava.data.loader import build_dataloader
 
 SPLITS = ("train", "val")
+
+
+def prepare_splits(data_cfg: Any, stage: str, out_dir: str | Path, *, tokenizer: Any, num_image_tokens: int):
+    """Validate the stage's splits into ``out_dir/<split>`` (:func:`prepare_stage`); a split whose
+    source file and validation settings are unchanged since its last preparation is skipped.
+
+    Raises :class:`~moe_llava.errors.RejectedFractionError` (naming the quarantine file) when a
+    split rejects more than ``data.validation.max_rejected_fraction``.
+    """
+    out_dir = Path(out_dir)
+    for split in SPLITS:
+        manifest = stage_manifest(data_cfg, stage, split)
+        if not manifest:
+            continue
+        source = Path(manifest)
+        if not source.is_file():
+            raise ValueError(f"data.stages.{stage}.{split}: manifest {source} does not exist")
+        split_dir = out_dir / split
+        validator = validator_from_config(
+            data_cfg, stage, tokenizer=tokenizer, num_image_tokens=num_image_tokens
+        )
+        stamp = {
+            "source": str(source.resolve()),
+            "size": source.stat().st_size,
+            "mtime_ns": source.stat().st_mtime_ns,
+            # a changed policy, length or tokenizer prepares again
+            "settings": validator.settings(),
+            "max_rejected_fraction": (data_cfg.get("validation") or {}).get("max_rejected_fraction"),
+        }
+        stamp_file = split_dir / "source.json"
+        if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+            continue
+        result = prepare_stage(
+            data_cfg,
+            stage,
+            split_dir,
+            tokenizer=tokenizer,
+            num_image_tokens=num_image_tokens,
+            split=split,
+            progress=True,
+        )
+        print(f"[{stage}/{split}] {result.summary()}")
+        stamp_file.write_text(json.dumps(stamp))
 
 
 class LlavaDataModule(L.LightningDataModule):
@@ -58,31 +101,15 @@ class LlavaDataModule(L.LightningDataModule):
         return [split for split in SPLITS if stage_manifest(self.data_cfg, self.stage, split)]
 
     def prepare_data(self) -> None:
-        """Rank 0 only: validate each split into ``out_dir/<split>`` unless its source is unchanged."""
-        for split in self._splits():
-            source = Path(stage_manifest(self.data_cfg, self.stage, split))
-            if not source.is_file():
-                raise ValueError(f"data.stages.{self.stage}.{split}: manifest {source} does not exist")
-            split_dir = self.out_dir / split
-            stamp = {
-                "source": str(source.resolve()),
-                "size": source.stat().st_size,
-                "mtime_ns": source.stat().st_mtime_ns,
-            }
-            stamp_file = split_dir / "source.json"
-            if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-                continue
-            result = prepare_stage(
-                self.data_cfg,
-                self.stage,
-                split_dir,
-                tokenizer=self.tokenizer,
-                num_image_tokens=self.num_image_tokens,
-                split=split,
-                progress=True,
-            )
-            print(f"[{self.stage}/{split}] {result.summary()}")
-            stamp_file.write_text(json.dumps(stamp))
+        """Rank 0 only: validate each split into ``out_dir/<split>`` unless done already (the stage
+        prepares its data before the model loads; this finds it done)."""
+        prepare_splits(
+            self.data_cfg,
+            self.stage,
+            self.out_dir,
+            tokenizer=self.tokenizer,
+            num_image_tokens=self.num_image_tokens,
+        )
 
     def prepared_manifest(self, split: str) -> Path:
         found = sorted((self.out_dir / split).glob("manifest.json*"))

@@ -50,6 +50,7 @@ from moe_llava.training.callbacks import AtomicCheckpointIO
 from moe_llava.training.datamodule import LlavaDataModule
 from moe_llava.training.lit_module import MoELlavaLitModule
 from moe_llava.training.loggers import BufferedMLFlowLogger
+from moe_llava.training.preflight import preflight
 from moe_llava.training.stages import (
     apply_stage_lora,
     configure_trainable,
@@ -83,11 +84,15 @@ def load_model_and_processors(
     data_cfg: DictConfig,
     stage_cfg: DictConfig,
     init_dir: Path | None,
+    processors: tuple[Any, Any] | None = None,
 ):
     """The stage's model (built from ``model_cfg`` or loaded from ``init_dir``, upcycled with ``moe_cfg``
-    when the stage says so), its tokenizer and image processor, and where the model came from."""
+    when the stage says so), its tokenizer and image processor (``processors``: already loaded), and
+    where the model came from."""
     moe_settings, coefficients = split_moe_settings(OmegaConf.to_container(moe_cfg))
-    if init_dir is None:  # stage 1 (or a later stage without a previous export): the recipe
+    if processors is not None:
+        tokenizer, image_processor = processors
+    elif init_dir is None:  # stage 1 (or a later stage without a previous export): the recipe
         default_tokenizer = model_cfg.language_model.get("name_or_path")
         tokenizer = tokenizer_from_config(data_cfg, default=default_tokenizer)
         image_processor = build_image_processor(model_cfg.vision_tower, pretrained=model_cfg.pretrained)
@@ -103,8 +108,9 @@ def load_model_and_processors(
         upcycle=bool(stage_cfg.upcycle),
         moe_settings=moe_settings,
     )
-    for key, value in coefficients.items():  # the moe group is their only source
-        setattr(model.config, key, value)
+    if model.is_moe:  # the moe group is their only source (a dense stage does not read it)
+        for key, value in coefficients.items():
+            setattr(model.config, key, value)
     return model, tokenizer, image_processor, origin
 
 
@@ -117,24 +123,33 @@ def record_prompt_format(model_config, data_cfg: DictConfig, stage: str) -> None
     model_config.pad_color = None if pad_color is None else [int(c) for c in pad_color]
 
 
-def export_stage(model, tokenizer, image_processor, export_dir: Path) -> None:
+def export_stage(
+    model, tokenizer, image_processor, export_dir: Path, dtype=None, max_shard_size: int | str = "5GB"
+) -> None:
     """save_pretrained everything the next stage needs, atomically: a half-written export never
-    looks done, and a failed write (:class:`~moe_llava.errors.WriteFailed`) keeps the previous one."""
+    looks done, and a failed write (:class:`~moe_llava.errors.WriteFailed`) keeps the previous one.
+
+    ``dtype``: the weights' type on disk (None: as they are; routers stay float32); safetensors
+    shards of at most ``max_shard_size`` (one file below it, else shards and an index)."""
+    from moe_llava.model.checkpoint import save_weights
 
     def save(folder: Path) -> None:
-        model.save_pretrained(folder)
+        save_weights(model, folder, dtype=dtype, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(folder)
         image_processor.save_pretrained(folder)
 
     write_dir(export_dir, save, "stage export")
 
 
-def export_lora_stage(peft_model, lora_cfg: DictConfig, tokenizer, image_processor, paths: dict) -> None:
+def export_lora_stage(
+    peft_model, lora_cfg: DictConfig, tokenizer, image_processor, paths: dict, **written: Any
+) -> None:
     """The export of a LoRA stage: merged into a plain export (``lora.export=merged``), or the
     adapters alone in the PEFT format (``adapter``; ``moe-llava model merge-lora`` merges them).
 
     A QLoRA stage's merged export is rebuilt from the stage's full-precision start (its 4-bit
     weights are not the weights the next stage should get): the adapters are merged into it.
+    ``written``: dtype and shard size of a merged export (:func:`export_stage`).
     """
     if lora_cfg.export == "adapter":
 
@@ -149,9 +164,10 @@ def export_lora_stage(peft_model, lora_cfg: DictConfig, tokenizer, image_process
             raise ConfigError("lora.quantize", "a QLoRA stage needs an export to start from (init_from)")
         with tempfile.TemporaryDirectory() as tmp:
             save_adapter(peft_model, tmp)
-            export_stage(merge_adapter(paths["init"], tmp), tokenizer, image_processor, paths["export"])
+            merged = merge_adapter(paths["init"], tmp)
+            export_stage(merged, tokenizer, image_processor, paths["export"], **written)
     else:
-        export_stage(merge_lora(peft_model), tokenizer, image_processor, paths["export"])
+        export_stage(merge_lora(peft_model), tokenizer, image_processor, paths["export"], **written)
 
 
 def _init_is_moe(init_dir: Path | None) -> bool:
@@ -170,6 +186,10 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
     if rank_zero_only.rank == 0:  # before any work: a tracking server that is down is an error now
         require_server(tracking_uri(cfg.logger), cfg.logger.get("connect_timeout_s"))
 
+    # everything else that can fail (strategy, weights' sources, tokenizer, the data), before the
+    # model loads and before the MLflow run; rank 0 prepares the data
+    prepared = preflight(cfg, paths["init"], paths["data"], prepare_data=rank_zero_only.rank == 0)
+
     completed_marker = paths["stage_dir"] / COMPLETED
     last_ckpt = paths["checkpoints"] / "last.ckpt"
     resume = cfg.resume == "auto" and last_ckpt.is_file() and not completed_marker.exists()
@@ -178,7 +198,7 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         completed_marker.unlink(missing_ok=True)
 
     model, tokenizer, image_processor, origin = load_model_and_processors(
-        cfg.model, cfg.moe, cfg.data, cfg.stage, paths["init"]
+        cfg.model, cfg.moe, cfg.data, cfg.stage, paths["init"], (prepared.tokenizer, prepared.image_processor)
     )
     trainable = configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
     peft_model = apply_stage_lora(
@@ -255,17 +275,23 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
         if rank_zero_only.rank == 0:
             if earlier_log.is_file():
                 join_interrupted_log(earlier_log, csv_log)
+            if not csv_log.is_file():  # fewer steps than trainer.log_every_n_steps: the final values
+                log_final_step(trainer, result)
             record_prompt_format(model.config, cfg.data, stage)
+            export = cfg.get("export") or {}
+            written = {
+                "dtype": export_dtype(export.get("dtype", "auto"), cfg.trainer.get("precision")),
+                "max_shard_size": export.get("max_shard_size", "5GB"),
+            }
             if peft_model is None:
-                export_stage(model, tokenizer, image_processor, paths["export"])
+                export_stage(model, tokenizer, image_processor, paths["export"], **written)
             else:
-                export_lora_stage(peft_model, cfg.lora, tokenizer, image_processor, paths)
+                export_lora_stage(peft_model, cfg.lora, tokenizer, image_processor, paths, **written)
             result.update(counts, wall_time_s=time.perf_counter() - started, resumed=resume)
             (paths["stage_dir"] / "metrics.json").write_text(json.dumps(result, indent=2))
             # Summary numbers only: the per-step series (train/loss ...) were logged during training.
             run.log_metrics({k: v for k, v in result.items() if "/" not in k and _is_number(v)})
-            if cfg.logger.get("log_model_weights", True):
-                run.log_artifacts(paths["export"], "export")
+            log_export(run, paths["export"], cfg.logger)
             completed_marker.write_text(run.run_id or "")
     if run.unsent:
         log.warning(
@@ -277,6 +303,46 @@ def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dic
             "; ".join(run.unsent),
         )
     return result
+
+
+def export_dtype(setting: str | None, precision: Any):
+    """``export.dtype`` (checked: validation.EXPORT_DTYPES) as a torch dtype: ``auto`` is the
+    training precision's compute type."""
+    import torch
+
+    setting = str(setting or "auto")
+    if setting == "auto":
+        text = str(precision or "32-true")
+        setting = "bfloat16" if text.startswith("bf16") else "float16" if text.startswith("16") else "float32"
+    return getattr(torch, setting)
+
+
+def log_export(run, export_dir: Path, logger_cfg: DictConfig) -> None:
+    """Copy the export into the run's artifacts when ``logger.log_model_weights`` and it is at most
+    ``logger.log_model_weights_max_mb``; a larger one is referenced (tags ``export_dir``,
+    ``export_bytes``): the registry's model is then the only copy in MLflow."""
+    size = sum(f.stat().st_size for f in export_dir.rglob("*") if f.is_file())
+    run.set_tags({"export_dir": str(export_dir.resolve()), "export_bytes": size})
+    limit = logger_cfg.get("log_model_weights_max_mb", None)
+    if logger_cfg.get("log_model_weights", True) and (limit is None or size <= float(limit) * 2**20):
+        run.log_artifacts(export_dir, "export")
+    elif logger_cfg.get("log_model_weights", True):
+        log.info(
+            "export %s (%.1f GB) not copied to MLflow (logger.log_model_weights_max_mb=%s): tagged export_dir",
+            export_dir,
+            size / 1e9,
+            limit,
+        )
+
+
+def log_final_step(trainer: L.Trainer, result: dict[str, Any]) -> None:
+    """Write the last step's values through the CSV logger (a stage shorter than
+    ``trainer.log_every_n_steps`` logged none, and logs/metrics.csv is a declared output)."""
+    values = {k: v for k, v in result.items() if "/" in k and _is_number(v)}
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.log_metrics(values, step=max(int(result.get("global_step", 1)) - 1, 0))
+            logger.save()
 
 
 def build_trainer(

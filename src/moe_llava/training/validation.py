@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moe_llava.data.images import ASPECT_MODES
 from moe_llava.data.templates import TEMPLATES
-from moe_llava.data.validation import IMAGE_CHECKS, OVERLENGTH_POLICIES
+from moe_llava.data.validation import IMAGE_CHECKS, LEADING_GPT_POLICIES, OVERLENGTH_POLICIES
 from moe_llava.errors import ConfigError
 from moe_llava.model.builder import VISION_TOWER_CLASSES
 from moe_llava.model.checkpoint import ADAPTER_CONFIG, ADAPTERS_ONLY
@@ -34,6 +34,7 @@ from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
 LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
 LORA_EXPORTS = ("merged", "adapter")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # export.dtype (auto: the training precision)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -227,6 +228,7 @@ class DataConfig(Schema):
     tokenizer: str | None = None
     max_length: int | None = rule(None, gt=0)
     overlength: str = rule("reject", one_of=OVERLENGTH_POLICIES)
+    leading_gpt: str = rule("reject", one_of=LEADING_GPT_POLICIES)
     pad_color: list[int] | None = None
     max_image_pixels: int = rule(40_000_000, gt=0)
     num_workers: int = rule(0, ge=0)
@@ -319,6 +321,16 @@ def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool
         cfg.get("resume", "auto") in ("auto", "never"),
         "resume",
         f"expected auto or never, got {cfg.get('resume')!r}",
+    )
+    export = cfg.get("export") or {}
+    dtype = str(export.get("dtype", "auto"))
+    _check(dtype in EXPORT_DTYPES, "export.dtype", f"expected one of {EXPORT_DTYPES}, got {dtype!r}")
+    shard = export.get("max_shard_size", "5GB")
+    _check(
+        (isinstance(shard, int) and not isinstance(shard, bool) and shard > 0)
+        or (isinstance(shard, str) and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", shard) is not None),
+        "export.max_shard_size",
+        f"expected a byte count or a size such as 5GB, got {shard!r}",
     )
     if check_paths:
         _validate_paths(cfg, stage.name)
