@@ -65,6 +65,7 @@ _TRAINING = (
     "trainer",
     "callbacks",
     "export",
+    "lora",
     "data.max_length",
     "data.overlength",
     "data.leading_gpt",
@@ -121,6 +122,7 @@ NOT_READ: dict[str, dict[str, str]] = {
         **_ANY,
         **{k: "a training stage's" for k in ("init_from", "train_modules", "stage", "moe", "callbacks")},
         "export": "a training stage's",
+        "lora": "a training stage's",
         "evaluation": "the evaluate@ stages'",
         "trainer": "only the accelerator and precision: the step runs on one device, its own schedule",
         "data": "only max_length; the paths it reads (root, images, tokenizer) are dependencies",
@@ -150,7 +152,7 @@ NOT_READ: dict[str, dict[str, str]] = {
     "evaluate": {
         **_ANY,
         **{k: "training's" for k in ("seed", "init_from", "train_modules", "stage", "moe", "trainer")},
-        **{k: "training's" for k in ("callbacks", "export", "backbones", "model")},
+        **{k: "training's" for k in ("callbacks", "export", "lora", "backbones", "model")},
         "data": "only data.eval and data.image_folder (the export fixes template and image preparation)",
     },
 }
