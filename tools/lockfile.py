@@ -39,7 +39,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -316,9 +315,12 @@ def compile_lock(output: Path, torch: str, upgrade: bool, base: Path | None = No
     base = base_lock(output, base)
     # Build backend and installer are locked too: set-up installs the project without build isolation.
     extra_inputs = [*tomllib.loads(PYPROJECT.read_text())["build-system"]["requires"], "pip"]
-    with tempfile.TemporaryDirectory() as tmp:
+    # A fixed, relative path: uv writes it into the lock's "via" comments, a temporary one churns them.
+    constraint_name = "build/lock-constraints.txt"
+    constraint = ROOT / constraint_name
+    constraint.parent.mkdir(exist_ok=True)
+    try:
         # torch is resolved at the pinned CPU build (its metadata lists no CUDA packages), not emitted.
-        constraint = Path(tmp, "torch-constraint.txt")
         pins = [torch]
         if base is not None:
             pins += [f"{n}=={v}" for n, v in sorted(read_lock(base).items()) if n not in spec.may_move]
@@ -326,7 +328,7 @@ def compile_lock(output: Path, torch: str, upgrade: bool, base: Path | None = No
         cmd = [
             sys.executable, "-m", "uv", "pip", "compile", str(PYPROJECT), "-",
             *[arg for extra in spec.extras for arg in ("--extra", extra)],
-            "--constraint", str(constraint),
+            "--constraint", constraint_name,
             "--generate-hashes",
             "--python-version", LOCKED_PYTHON,
             "--python-platform", "x86_64-unknown-linux-gnu",
@@ -337,6 +339,8 @@ def compile_lock(output: Path, torch: str, upgrade: bool, base: Path | None = No
             *(["--upgrade"] if upgrade else []),
         ]  # fmt: skip
         subprocess.run(cmd, input="\n".join(extra_inputs) + "\n", text=True, check=True, cwd=ROOT)
+    finally:
+        constraint.unlink(missing_ok=True)
     record_digest(output)
 
 
