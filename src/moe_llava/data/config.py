@@ -15,6 +15,7 @@ from typing import Any
 from moe_llava.data.dataset import LlavaDataset
 from moe_llava.data.prepare import PrepareResult, prepare_manifest
 from moe_llava.data.validation import Validator
+from moe_llava.errors import UserError
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -31,7 +32,7 @@ def stage_config(cfg: Any, stage: str) -> Any:
     stages = _get(cfg, "stages") or {}
     node = _get(stages, stage)
     if node is None:
-        raise ValueError(
+        raise UserError(
             f"data config {_get(cfg, 'name', '?')!r} has no stage {stage!r} (stages: {list(stages)})"
         )
     return node
@@ -49,7 +50,7 @@ def tokenizer_from_config(cfg: Any, default: str | Path | None = None) -> Any:
 
     path = _get(cfg, "tokenizer") or default
     if path is None:
-        raise ValueError("the data config has no tokenizer and no default (backbone) tokenizer was given")
+        raise UserError("the data config has no tokenizer and no default (backbone) tokenizer was given")
     return load_tokenizer(path)
 
 
@@ -84,7 +85,7 @@ def prepare_stage(
     """Validate a stage's manifest into ``out_dir`` (cleaned manifest, quarantine, counts)."""
     manifest = stage_manifest(cfg, stage, split)
     if manifest is None:
-        raise ValueError(f"stage {stage!r} has no {split!r} manifest")
+        raise UserError(f"stage {stage!r} has no {split!r} manifest")
     validation = _get(cfg, "validation") or {}
     return prepare_manifest(
         manifest,
@@ -111,7 +112,7 @@ def dataset_from_config(
     node = stage_config(cfg, stage)
     manifest = manifest or stage_manifest(cfg, stage, split)
     if manifest is None:
-        raise ValueError(f"stage {stage!r} has no {split!r} manifest")
+        raise UserError(f"stage {stage!r} has no {split!r} manifest")
     kwargs = _dataset_kwargs(cfg, node, image_processor, num_image_tokens)
     kwargs.update(
         overlength=_get(cfg, "overlength", "reject"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from moe_llava.data.manifest import ManifestWriter, manifest_format
 from moe_llava.data.validation import Validator, iter_checks
-from moe_llava.errors import DataError, RejectedFractionError
+from moe_llava.errors import DataError, RejectedFractionError, UserError
 
 DEFAULT_MAX_REJECTED_FRACTION = 0.05
 
@@ -73,7 +73,7 @@ def prepare_manifest(
     when the manifest has no record at all.
     """
     if not 0.0 <= max_rejected_fraction <= 1.0:
-        raise ValueError(f"max_rejected_fraction must be in [0, 1], got {max_rejected_fraction}")
+        raise UserError(f"max_rejected_fraction must be in [0, 1], got {max_rejected_fraction}")
     manifest = Path(manifest)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 
+from moe_llava.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -122,7 +124,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     from moe_llava.evaluation.lmms_benchmark import BenchmarkError, expand_tasks, run_benchmark
 
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+        raise UserError(f"--limit must be a positive integer, got {args.limit}")
     names = expand_tasks(args.tasks)
     try:
         summary = run_benchmark(

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_llava.errors import UserError
 from moe_llava.evaluation.benchmarks import metric_name
 from moe_llava.evaluation.lmms_scoring import SHAPESWORLD_IMAGES_ENV
 from moe_llava.paths import REPO_ROOT
@@ -114,7 +115,7 @@ def expand_tasks(spec: str) -> list[str]:
         if part:
             names += TASK_PRESETS.get(part, (part,))
     if not names:
-        raise ValueError(f"--tasks: no task named in {spec!r}")
+        raise UserError(f"--tasks: no task named in {spec!r}")
     return list(dict.fromkeys(names))
 
 
@@ -126,7 +127,7 @@ def render_shapesworld_tasks(data_root: str | Path, dest: Path) -> Path:
     """
     root = Path(data_root).resolve()
     if not (root / "pope_random.jsonl").is_file():
-        raise ValueError(f"--data-root {data_root}: no ShapesWorld question files (pope_random.jsonl) there")
+        raise UserError(f"--data-root {data_root}: no ShapesWorld question files (pope_random.jsonl) there")
     dest.mkdir(parents=True, exist_ok=True)
     for source in SHAPESWORLD_TASKS.glob("*.yaml"):
         text = source.read_text()
@@ -145,14 +146,14 @@ def lmms_python(explicit: str | None = None) -> str:
     candidate = explicit or os.environ.get(LMMS_PYTHON_ENV)
     if candidate:
         if not Path(candidate).exists():
-            raise ValueError(f"lmms-eval interpreter {candidate} does not exist")
+            raise UserError(f"lmms-eval interpreter {candidate} does not exist")
         return candidate
     if importlib.util.find_spec("lmms_eval") is not None:
         return sys.executable
     venv_python = DEFAULT_LMMS_VENV / "bin" / "python"
     if venv_python.exists():
         return str(venv_python)
-    raise ValueError(
+    raise UserError(
         "lmms-eval is not installed: run `make setup-lmms` (creates .venv-lmms), or "
         "`pip install moe-tuning[lmms-eval]`, or set $MOE_LLAVA_LMMS_PYTHON"
     )
@@ -187,7 +188,7 @@ def run_lmms(
     # batch_size and device go as lmms-eval's own options (it passes them to the model itself)
     model_args = f"pretrained={model_dir},dtype={dtype}"
     if "," in str(model_dir) or "=" in str(model_dir):
-        raise ValueError(f"model path {model_dir}: lmms-eval's model_args cannot hold ',' or '='")
+        raise UserError(f"model path {model_dir}: lmms-eval's model_args cannot hold ',' or '='")
     cmd = [
         python or lmms_python(), "-m", RUNNER,
         "--model-args", model_args,
@@ -355,7 +356,7 @@ def run_benchmark(
             else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moe-llava-bench-")))
         )
         if out.exists() and any(out.iterdir()):
-            raise ValueError(
+            raise UserError(
                 f"--output-dir {out} is not empty (lmms-eval's files of another run would mix in)"
             )
         export = stack.enter_context(local_export(model, tracking_uri=uri))

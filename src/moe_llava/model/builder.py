@@ -38,7 +38,7 @@ from transformers import (
 
 from moe_llava.constants import IMAGE_TOKEN
 from moe_llava.data.tokenizer import ensure_image_token
-from moe_llava.errors import ConfigError
+from moe_llava.errors import ConfigError, UserError
 from moe_llava.model.modeling import MoELlavaForCausalLM
 from moe_llava.paths import is_local_path
 
@@ -65,16 +65,16 @@ def tower_config(spec: Mapping, role: str) -> PreTrainedConfig:
     values = _as_dict(spec.get("config"))
     if values:
         if "model_type" not in values:
-            raise ValueError(f"model.{role}.config needs a model_type (e.g. clip_vision_model, llama, phi)")
+            raise UserError(f"model.{role}.config needs a model_type (e.g. clip_vision_model, llama, phi)")
         values = dict(values)
         model_type = values.pop("model_type")
         try:
             return AutoConfig.for_model(model_type, **values)
         except ValueError as err:
-            raise ValueError(f"model.{role}.config.model_type={model_type!r}: {err}") from err
+            raise UserError(f"model.{role}.config.model_type={model_type!r}: {err}") from err
     if spec.get("name_or_path"):
         return AutoConfig.from_pretrained(spec["name_or_path"], trust_remote_code=False)
-    raise ValueError(f"model.{role} needs name_or_path or config")
+    raise UserError(f"model.{role} needs name_or_path or config")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -133,7 +133,7 @@ def _vision_class(config: PreTrainedConfig) -> type[PreTrainedModel]:
     try:
         return VISION_TOWER_CLASSES[config.model_type]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"model.vision_tower: unsupported vision model_type={config.model_type!r}; "
             f"supported: {sorted(VISION_TOWER_CLASSES)}"
         ) from None

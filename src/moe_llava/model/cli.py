@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from moe_llava.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -91,7 +93,7 @@ def _convert(args: argparse.Namespace) -> int:
         from moe_llava.model.convert.reference import convert_to_reference
 
         if args.vision_tower or args.vision_config:
-            raise ValueError("--vision-tower / --vision-config apply to --to ours only")
+            raise UserError("--vision-tower / --vision-config apply to --to ours only")
         report = convert_to_reference(
             args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size
         )

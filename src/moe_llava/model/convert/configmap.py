@@ -13,7 +13,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from moe_llava.errors import CheckpointError
+from moe_llava.errors import CheckpointError, UserError
 
 MODEL_TYPES = {"moe_llava_phi": "phi", "moe_llava_stablelm": "stablelm", "moe_llava_qwen": "qwen"}
 RELEASED_MODEL_TYPES = {backbone: model_type for model_type, backbone in MODEL_TYPES.items()}
@@ -391,18 +391,18 @@ def ours_to_released(ours: dict, source: dict | None = None) -> tuple[str, dict[
     vision = ours["vision_config"]
     backbone = {"phi": "phi", "stablelm": "stablelm", "qwen2": "qwen"}.get(text.get("model_type"))
     if backbone is None:
-        raise ValueError(
+        raise UserError(
             f"text_config.model_type {text.get('model_type')!r}: the released layout exists for phi, "
             "stablelm and qwen2 (Qwen-1) backbones only"
         )
     moe = ours.get("moe")
     if moe is None:
-        raise ValueError("moe: a dense export; the released layout is for MoE (stage-3) models")
+        raise UserError("moe: a dense export; the released layout is for MoE (stage-3) models")
     if ours.get("projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ValueError(f"projector_type {ours['projector_type']!r}: the reference has mlp2x_gelu")
+        raise UserError(f"projector_type {ours['projector_type']!r}: the reference has mlp2x_gelu")
     siglip = vision.get("model_type") in ("siglip_vision_model", "siglip")
     if siglip != bool(ours.get("drop_first_patch", False)):
-        raise ValueError(
+        raise UserError(
             "drop_first_patch: the reference drops the first patch feature exactly for SigLIP towers; "
             f"this export has drop_first_patch={ours.get('drop_first_patch')} with a "
             f"{vision.get('model_type')} tower"
@@ -451,14 +451,12 @@ def ours_to_released(ours: dict, source: dict | None = None) -> tuple[str, dict[
             rotary_scaling_factor=1.0,
         )
         if text.get("use_parallel_residual") or text.get("qk_layernorm"):
-            raise ValueError(
-                "text_config: use_parallel_residual / qk_layernorm have no reference counterpart"
-            )
+            raise UserError("text_config: use_parallel_residual / qk_layernorm have no reference counterpart")
     else:
         heads = text["num_attention_heads"]
         head_dim = text.get("head_dim") or text["hidden_size"] // heads
         if text.get("num_key_value_heads", heads) != heads:
-            raise ValueError("text_config.num_key_value_heads: Qwen-1 has no grouped-query attention")
+            raise UserError("text_config.num_key_value_heads: Qwen-1 has no grouped-query attention")
         out.update(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from moe_llava.errors import UserError
+
 BACKBONES = ("phi", "stablelm", "qwen")
 ROUTER_SUFFIX = ".mlp.router.weight"
 
@@ -101,7 +103,7 @@ def prefix(backbone: str) -> str:
 
 def _rules(backbone: str) -> list[tuple[re.Pattern, object]]:
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+        raise UserError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
     table = _QWEN if backbone == "qwen" else _HF_NAMED
     p = re.escape(prefix(backbone))
     layers = r"h" if backbone == "qwen" else r"layers"
@@ -191,7 +193,7 @@ def ours_to_released(backbone: str, keys: list[str]) -> tuple[list[Op], list[str
     """The ops that make released tensors from our ``keys``, and the keys no rule maps. Phi's
     ``lm_head.bias`` maps to nothing (the caller checks it is zeros)."""
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+        raise UserError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
     table = _REVERSE_QWEN if backbone == "qwen" else _REVERSE_HF_NAMED
     p = prefix(backbone)
     rules = [(re.compile(pattern), repl) for pattern, repl in table]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from moe_llava.errors import CheckpointError
+from moe_llava.errors import CheckpointError, UserError
 
 CONFIG = "config.json"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -396,7 +396,7 @@ def _write_one(file: Path, group: list[PlannedTensor], on_tensor) -> None:
         for tensor in group:
             value = tensor.produce()
             if value.dtype != tensor.dtype or tuple(value.shape) != tensor.shape:
-                raise ValueError(
+                raise UserError(
                     f"{tensor.name}: produced {value.dtype} {tuple(value.shape)}, planned "
                     f"{tensor.dtype} {tensor.shape}"
                 )

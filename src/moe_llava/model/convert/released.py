@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moe_llava.errors import CheckpointError
+from moe_llava.errors import CheckpointError, UserError
 from moe_llava.model.convert import configmap, keymaps
 from moe_llava.model.convert.layout import (
     CONFIG,
@@ -71,7 +71,7 @@ def parse_size(text: str | int) -> int:
     try:
         return int(upper)
     except ValueError:
-        raise ValueError(f"--max-shard-size: {text!r} is not a size (e.g. 5GB, 500MB)") from None
+        raise UserError(f"--max-shard-size: {text!r} is not a size (e.g. 5GB, 500MB)") from None
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -80,7 +80,7 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"--dtype: {name!r} is not one of {sorted(DTYPES)}") from None
+        raise UserError(f"--dtype: {name!r} is not one of {sorted(DTYPES)}") from None
 
 
 def _vision_source(vision_tower: Path | None, vision_config: dict | Path | None):
@@ -144,7 +144,7 @@ def plan_shape(op: keymaps.Op, infos: dict[str, TensorInfo | tuple]) -> tuple[in
     if op.kind == "split":
         rows, *rest = shapes[0]
         if rows % op.parts:
-            raise ValueError(f"{op.sources[0]}: {rows} rows do not split into {op.parts} equal parts")
+            raise UserError(f"{op.sources[0]}: {rows} rows do not split into {op.parts} equal parts")
         return (rows // op.parts, *rest)
     if op.kind == "concat":
         return (sum(s[0] for s in shapes), *shapes[0][1:])
