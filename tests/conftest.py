@@ -67,7 +67,8 @@ def tiny_phi_config(**overrides) -> PhiConfig:
     return PhiConfig(**{**values, **overrides})
 
 
-def tiny_vision_config(**overrides) -> CLIPVisionConfig:
+def tiny_vision_values(**overrides) -> dict:
+    """The tiny vision tower's sizes (any tower class: CLIP, SigLIP, a released checkpoint's copy)."""
     values = dict(
         hidden_size=32,
         intermediate_size=64,
@@ -76,7 +77,11 @@ def tiny_vision_config(**overrides) -> CLIPVisionConfig:
         image_size=16,
         patch_size=4,  # 16 image tokens
     )
-    return CLIPVisionConfig(**{**values, **overrides})
+    return {**values, **overrides}
+
+
+def tiny_vision_config(**overrides) -> CLIPVisionConfig:
+    return CLIPVisionConfig(**tiny_vision_values(**overrides))
 
 
 IMAGE_TOKEN_ID = VOCAB - 1

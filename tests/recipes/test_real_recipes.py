@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from moe_llava.config import compose_config
+from tests.conftest import tiny_vision_values
 from tests.llava_like import write_llava_like
 from tests.project import command_env, sh
 
@@ -91,14 +92,7 @@ def save_vision_tower(kind: str, path: Path) -> Path:
         SiglipVisionModel,
     )  # fmt: skip
 
-    size = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
+    size = tiny_vision_values(image_size=32, patch_size=8)  # ShapesWorld-sized images
     if kind == "clip":
         CLIPVisionModel(CLIPVisionConfig(**size)).save_pretrained(path)
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(

@@ -16,18 +16,12 @@ from moe_llava.cli import main
 from moe_llava.data.tokenizer import load_tokenizer
 from moe_llava.errors import ConfigError
 from moe_llava.training import run_stage
+from tests.conftest import tiny_vision_values
 from tests.model.convert.released_layout import released_config, released_state, vision_config, write_released
 from tests.training.conftest import shrunk_overrides
 
 # ShapesWorld's images (32 px) through a tower of the shrunk tiny_cpu recipe's size
-TOWER = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-)
+TOWER = tiny_vision_values(image_size=32, patch_size=8)
 
 
 @pytest.fixture
