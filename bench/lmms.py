@@ -56,7 +56,14 @@ def tiny_moe_export(data_root: Path, out: Path) -> Path:
     return out
 
 
-def run(model_dir: Path, data_root: Path, questions: int = 64, batch_size: int = 8, rounds: int = 3) -> dict:
+def run(
+    model_dir: Path,
+    data_root: Path,
+    questions: int = 64,
+    batch_size: int = 8,
+    rounds: int = 3,
+    warmup: int = 1,
+) -> dict:
     from lmms_eval import evaluator
     from lmms_eval.api.instance import Instance
     from lmms_eval.tasks import TaskManager
@@ -114,6 +121,7 @@ def run(model_dir: Path, data_root: Path, questions: int = 64, batch_size: int =
         times = common.interleaved(
             {"evaluator": ours, "adapter": through_adapter, "simple_evaluate": through_lmms_eval},
             rounds,
+            warmup=warmup,
             label=f"answer {questions} POPE questions, {max_new_tokens} new tokens",
             sub_label=f"batch {batch_size}",
         )

@@ -30,7 +30,7 @@ logged_model = registry.logged_model
 model_name = registry.model_name
 make_registry = registry.make_registry
 
-LIMIT = 8  # questions per ShapesWorld file
+LIMIT = 4  # questions per ShapesWorld file (one batch)
 BATCH = 4
 POPE_SPLITS = ("random", "popular", "adversarial")
 

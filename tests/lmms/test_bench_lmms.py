@@ -6,7 +6,7 @@ from bench import lmms as bench_lmms
 
 
 def test_the_lmms_suite_times_the_adapter_against_the_evaluator(tiny_export, world):
-    result = bench_lmms.run(tiny_export, world, questions=4, batch_size=2, rounds=1)
+    result = bench_lmms.run(tiny_export, world, questions=2, batch_size=2, rounds=1, warmup=0)
     (row,) = result["rows"]
     assert set(row["questions_per_s"]) == {"evaluator", "adapter", "simple_evaluate"}
     assert row["adapter_vs_evaluator"] > 0 and row["simple_evaluate_vs_evaluator"] > 0
