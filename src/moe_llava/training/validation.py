@@ -426,6 +426,8 @@ def _validate_paths(cfg: Mapping, stage: str) -> None:
             f"{init_from} is not a folder; a hub id is not downloaded here: download it (e.g. `hf download "
             f"{init_from} --local-dir DIR`), then for a released MoE-LLaVA checkpoint run "
             "`moe-llava model convert DIR DST` and use DST",
+        )
+        _check(
             not (Path(init_from) / ADAPTER_CONFIG).is_file() or (Path(init_from) / "config.json").is_file(),
             "init_from",
             f"{init_from} {ADAPTERS_ONLY}",
