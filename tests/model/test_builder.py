@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel, CLIPVision
 from moe_llava.constants import IMAGE_TOKEN
 from moe_llava.model import MoELlavaForCausalLM
 from moe_llava.model.builder import build_image_processor, build_model
-from tests.conftest import tiny_llama_config, tiny_phi_config, tiny_vision_config
+from tests.conftest import tiny_llama_config, tiny_phi_config, tiny_vision_config, tiny_vision_values
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -133,14 +133,7 @@ def test_bad_recipes_name_the_key(spec, message):
 def siglip_checkpoint(path: Path) -> Path:
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    config = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=4,
-    )
+    config = SiglipVisionConfig(**tiny_vision_values())
     SiglipVisionModel(config).save_pretrained(path)
     SiglipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
     return path
