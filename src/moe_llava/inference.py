@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -254,26 +255,34 @@ def _store_image(
     label: str | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> str | None:
-    """Write one image into ``folder`` as PNG; returns its relative name (None: no image).
+    """Put one image into ``folder``; returns its relative name (None: no image).
 
-    Encoded images are decoded by :func:`~moe_llava.data.images.read_image`, which refuses one over
-    ``max_pixels`` from its header (a decompression bomb never expands in memory).
+    Files and encoded data are decoded once here, in full, by :func:`~moe_llava.data.images.read_image`
+    (which refuses one over ``max_pixels`` from its header: a decompression bomb never expands in
+    memory), then stored byte for byte: re-encoding would cost more than the model's answer on a small
+    model. The full decode is kept so that a corrupt image fails naming its question; the dataset would
+    otherwise fall back to another record. PIL images are written as PNG (fast compression).
     """
     label = label or f"question #{index}"
     image = normalize_image(image, label)
     if image is None:
         return None
-    stored = f"{index:06d}.png"
     try:
         if isinstance(image, bytes):
-            image = read_image(io.BytesIO(image), "image data", max_pixels=max_pixels)
+            read_image(io.BytesIO(image), "image data", max_pixels=max_pixels)
+            stored = f"{index:06d}"
+            (folder / stored).write_bytes(image)
         elif isinstance(image, str):
-            image = read_image(image, image, max_pixels=max_pixels)
+            read_image(image, image, max_pixels=max_pixels)
+            stored = f"{index:06d}{Path(image).suffix}"
+            shutil.copyfile(image, folder / stored)
         elif image.width * image.height > max_pixels:
             raise ImageIssue(
                 "oversized_image", f"{image.width}x{image.height} pixels exceeds the limit {max_pixels}"
             )
-        image.convert("RGB").save(folder / stored)
+        else:
+            stored = f"{index:06d}.png"
+            image.convert("RGB").save(folder / stored, compress_level=1)
     except ImageIssue as issue:
         raise UserError(f"{label}: {issue.detail}") from None
     except OSError as err:
