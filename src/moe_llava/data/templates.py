@@ -161,7 +161,7 @@ class ConversationTemplate:
     ) -> TokenizedSample:
         """Tokenize a conversation; labels supervise only the assistant answers (+ end of turn).
 
-        The conversation must follow the turn rules (:func:`~moe_llava.data.conversation.parse_conversation`).
+        The conversation must follow the turn rules of :mod:`moe_llava.data.conversation`.
 
         With ``add_generation_prompt`` the conversation must end with a human turn; the result ends
         with the assistant prefix, ready for ``generate`` (all labels ``IGNORE_INDEX``).

@@ -2,7 +2,8 @@
 
 Every record is checked completely and gets a list of :class:`Issue` (reason code, field, detail);
 a record is valid when that list is empty. The reason codes (:class:`Reason`) are stable strings
-used in reports, quarantine files and counts.
+used in reports, quarantine files and counts. The conversation's rules (roles, order, ``<image>``
+placement) are :mod:`moe_llava.data.conversation`'s, the same that templates and question files use.
 
 Token-level checks (``too_long``, ``fully_masked``, ``template_mismatch``) run only when a
 tokenizer and a template are configured, because they depend on the model.
