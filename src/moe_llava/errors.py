@@ -5,8 +5,8 @@ Every error a user can fix is a :class:`UserError` (a ``ValueError``), which eve
 any other exception (a bug, in this package or in torch) keeps its traceback:
 
 * :class:`ConfigError`: an invalid configuration value; the message starts with the key;
-* :class:`DataError` and its kinds (:class:`ManifestError`, :class:`TemplateError`,
-  :class:`RejectedFractionError`, :class:`EvalFileError`): a problem with input data; messages name
+* :class:`DataError` and its kinds (:class:`ManifestError`, :class:`TemplateError` and its
+  :class:`ConversationError`, :class:`RejectedFractionError`, :class:`EvalFileError`): a problem with input data; messages name
   the file, the record (id or index) or line, and the field when they are known.
 * :class:`CheckpointError`: a model folder or weights file that is not one of this project's
   exports (another architecture, a pickle posing as weights, a corrupt file); it names the file.
@@ -79,6 +79,15 @@ class ManifestError(DataError):
 
 class TemplateError(DataError):
     """A conversation does not fit the chosen conversation template."""
+
+
+class ConversationError(TemplateError):
+    """A conversation breaks the LLaVA turn rules (:mod:`moe_llava.data.conversation`); ``reason`` is
+    the validation reason code. A :class:`TemplateError`, since templates are where most callers meet it."""
+
+    def __init__(self, message: str, *, field: str, reason: str) -> None:
+        super().__init__(message, field=field)
+        self.reason = reason
 
 
 class RejectedFractionError(DataError):

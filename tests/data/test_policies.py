@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from moe_llava.cli import main
+from moe_llava.data.conversation import GPT, HUMAN, role_of
 from moe_llava.data.dataset import LlavaDataset
 from moe_llava.data.manifest import read_manifest
 from moe_llava.data.prepare import prepare_manifest
-from moe_llava.data.templates import GPT, HUMAN, ROLE_ALIASES, get_template
+from moe_llava.data.templates import get_template
 from moe_llava.data.validation import Validator
 from moe_llava.errors import RejectedFractionError
 from tests.llava_like import write_llava_like
@@ -39,7 +40,7 @@ def validator(tokenizer, root: Path, **policies) -> Validator:
 
 
 def roles(record: dict) -> list[str]:
-    return [ROLE_ALIASES[t["from"]] for t in record["conversations"]]
+    return [role_of(t) for t in record["conversations"]]
 
 
 POLICIES = {  # docs/data.md's rows: (overlength, leading_gpt)
@@ -112,7 +113,7 @@ def test_truncate_turns_keeps_whole_exchanges_that_fit(phi_like_tokenizer, llava
         original = source[str(record["id"])]["conversations"]
         turns = record["conversations"]
         assert roles(record)[0] == HUMAN and roles(record)[-1] == GPT  # whole exchanges
-        if ROLE_ALIASES[original[0]["from"]] == GPT:  # the reference's skip of a leading gpt turn
+        if role_of(original[0]) == GPT:  # the reference's skip of a leading gpt turn
             assert turns == original[1:]
             continue
         assert turns == original[: len(turns)] and len(turns) < len(original)  # a prefix, cut at a turn end

@@ -162,6 +162,11 @@ def test_duplicate_question_and_answer_ids_name_file_line_and_id(tmp_path):
             "conversations[0].from",
             "first turn",
         ),
+        (  # the conversation rules of training data (moe_llava.data.conversation)
+            {"question_id": 7, "conversations": [{"from": "human", "value": "Cat?"}] * 2, "label": "yes"},
+            "conversations[1].from",
+            "question_id '7': turns must alternate human/gpt",
+        ),
     ],
 )
 def test_bad_question_records_name_file_line_and_field(tmp_path, line, field, message):

@@ -1,10 +1,10 @@
 """Data pipeline: LLaVA-format manifests, validation, templates, datasets, ShapesWorld, DVC-tracked data.
 
-Modules: ``manifest`` (read/write LLaVA JSON and JSON Lines), ``validation`` (record checks),
-``prepare`` (validated manifests for a stage), ``templates`` (conversation templates), ``dataset``,
-``collator``, ``sampler``, ``loader`` (the training batches), ``config`` (builders from the Hydra
-``data`` group), ``tokenizer`` (the BPE tokenizer), ``images``, ``cli`` (``moe-llava data``) and
-the ``shapesworld`` package. Errors: :mod:`moe_llava.errors`.
+Modules: ``manifest`` (read/write LLaVA JSON and JSON Lines), ``conversation`` (the turn rules of
+a record's ``conversations``), ``validation`` (record checks), ``prepare`` (validated manifests for
+a stage), ``templates`` (conversation templates), ``dataset``, ``collator``, ``sampler``, ``loader``
+(the training batches), ``config`` (builders from the Hydra ``data`` group), ``tokenizer`` (the BPE
+tokenizer), ``images``, ``cli`` (``moe-llava data``) and the ``shapesworld`` package. Errors: :mod:`moe_llava.errors`.
 """
 
 from moe_llava._lazy import lazy_exports

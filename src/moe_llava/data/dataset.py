@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from moe_llava.data.conversation import GPT, role_of
 from moe_llava.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageIssue,
@@ -31,7 +32,7 @@ from moe_llava.data.images import (
     resolve_image_path,
 )
 from moe_llava.data.manifest import ManifestEntry, as_llava_record, iter_entries
-from moe_llava.data.templates import GPT, ROLE_ALIASES, get_template, image_token_id_of
+from moe_llava.data.templates import get_template, image_token_id_of
 from moe_llava.data.validation import Validator, fit_to_length, record_images
 from moe_llava.errors import DataError, TemplateError
 
@@ -184,7 +185,7 @@ class LlavaDataset(Dataset):
         rid = str(record["id"])
         conversations = record["conversations"]
         answer = None
-        if self.generation and ROLE_ALIASES.get(conversations[-1]["from"]) == GPT:
+        if self.generation and role_of(conversations[-1]) == GPT:
             answer = conversations[-1]["value"]
             conversations = conversations[:-1]
         try:
@@ -255,7 +256,7 @@ def _with_dummy_answer(record: Any) -> Any:
         isinstance(conversations, list)
         and conversations
         and isinstance(conversations[-1], dict)
-        and ROLE_ALIASES.get(conversations[-1].get("from")) != GPT
+        and role_of(conversations[-1]) != GPT
     ):
         return {**record, "conversations": [*conversations, {"from": "gpt", "value": "-"}]}
     return record

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from moe_llava.data.manifest import ManifestWriter, manifest_format
-from moe_llava.data.validation import Validator, iter_checks
+from moe_llava.data.manifest import ManifestEntry, ManifestWriter, manifest_format
+from moe_llava.data.validation import RecordCheck, Validator, iter_checks
 from moe_llava.errors import DataError, RejectedFractionError, UserError
 
 DEFAULT_MAX_REJECTED_FRACTION = 0.05
@@ -75,70 +76,89 @@ def prepare_manifest(
     if not 0.0 <= max_rejected_fraction <= 1.0:
         raise UserError(f"max_rejected_fraction must be in [0, 1], got {max_rejected_fraction}")
     manifest = Path(manifest)
-    out_dir = Path(out_dir)
+    checks = iter_checks(manifest, validator, workers=workers, progress=progress)
+    result = _split(checks, _outputs(manifest, Path(out_dir)))
+    _write_counts(result, manifest, max_rejected_fraction, validator.settings())
+    if progress:
+        print(result.summary(), file=sys.stderr)
+    _check_rejections(result, manifest, max_rejected_fraction)
+    return result
+
+
+def _outputs(manifest: Path, out_dir: Path) -> PrepareResult:
+    """The (empty) result naming the output files; the cleaned manifest keeps the input's format."""
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = ".jsonl" if manifest_format(manifest) == "jsonl" else ".json"
-    clean_path = out_dir / f"manifest{suffix}"
-    quarantine_path = out_dir / "quarantine.jsonl"
-    counts_path = out_dir / "counts.json"
+    return PrepareResult(
+        out_dir / f"manifest{suffix}", out_dir / "quarantine.jsonl", out_dir / "counts.json", 0, 0, 0
+    )
+
+
+def _split(checks: Iterable[tuple[ManifestEntry, RecordCheck]], outputs: PrepareResult) -> PrepareResult:
+    """Write each kept record (as repaired) to the cleaned manifest and each rejected one to the
+    quarantine; the result counts them, per reason and per repair."""
     reasons: Counter = Counter()
     fixed: Counter = Counter()
-    total = kept = 0
-    with ManifestWriter(clean_path) as clean, ManifestWriter(quarantine_path) as quarantine:
-        for entry, check in iter_checks(manifest, validator, workers=workers, progress=progress):
-            total += 1
+    with ManifestWriter(outputs.manifest) as clean, ManifestWriter(outputs.quarantine) as quarantine:
+        for entry, check in checks:
             if check.ok:
                 clean.write(entry.record if check.record is None else check.record)
                 fixed.update(check.fixes)
-                kept += 1
-                continue
-            reasons.update(check.reasons)
-            quarantine.write(
-                {
-                    "index": check.index,
-                    "line": check.line,
-                    "location": check.location,
-                    "id": check.id,
-                    "reasons": check.reasons,
-                    "issues": [issue.to_dict() for issue in check.issues],
-                    "record": entry.record,
-                }
-            )
-    result = PrepareResult(
-        clean_path,
-        quarantine_path,
-        counts_path,
-        total,
-        kept,
-        total - kept,
-        dict(sorted(reasons.items())),
-        dict(sorted(fixed.items())),
+            else:
+                reasons.update(check.reasons)
+                quarantine.write(_quarantined(entry, check))
+    return replace(
+        outputs,
+        total=clean.count + quarantine.count,
+        kept=clean.count,
+        rejected=quarantine.count,
+        reasons=dict(sorted(reasons.items())),
+        fixed=dict(sorted(fixed.items())),
     )
+
+
+def _quarantined(entry: ManifestEntry, check: RecordCheck) -> dict:
+    """A quarantine line: where the record is, why it was rejected, and the record as it was."""
+    return {
+        "index": check.index,
+        "line": check.line,
+        "location": check.location,
+        "id": check.id,
+        "reasons": check.reasons,
+        "issues": [issue.to_dict() for issue in check.issues],
+        "record": entry.record,
+    }
+
+
+def _write_counts(
+    result: PrepareResult, manifest: Path, max_rejected_fraction: float, settings: dict
+) -> None:
     counts = {
         "source": str(manifest),
-        "total": total,
-        "kept": kept,
+        "total": result.total,
+        "kept": result.kept,
         "rejected": result.rejected,
         "rejected_fraction": round(result.rejected_fraction, 6),
         "max_rejected_fraction": max_rejected_fraction,
         "reasons": result.reasons,
         "fixed": result.fixed,
-        "settings": validator.settings(),
+        "settings": settings,
     }
-    counts_path.write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
-    if progress:
-        print(result.summary(), file=sys.stderr)
-    if total == 0:
+    result.counts_file.write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_rejections(result: PrepareResult, manifest: Path, max_rejected_fraction: float) -> None:
+    """Refuse an empty dataset, one with no record kept, or one above the rejected fraction."""
+    if result.total == 0:
         raise DataError("the manifest has no records (an empty dataset)", file=manifest)
-    if kept == 0:
+    if result.kept == 0:
         raise RejectedFractionError(
-            f"all {total} records were rejected; see {quarantine_path}", file=manifest
+            f"all {result.total} records were rejected; see {result.quarantine}", file=manifest
         )
     if result.rejected_fraction > max_rejected_fraction:
         raise RejectedFractionError(
-            f"{result.rejected} of {total} records rejected ({100 * result.rejected_fraction:.2f}%), above the "
-            f"threshold {100 * max_rejected_fraction:.2f}% (max_rejected_fraction); reasons {result.reasons}; "
-            f"see {quarantine_path}",
+            f"{result.rejected} of {result.total} records rejected ({100 * result.rejected_fraction:.2f}%), "
+            f"above the threshold {100 * max_rejected_fraction:.2f}% (max_rejected_fraction); "
+            f"reasons {result.reasons}; see {result.quarantine}",
             file=manifest,
         )
-    return result

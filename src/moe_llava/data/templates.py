@@ -30,10 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_llava.constants import IGNORE_INDEX, IMAGE_TOKEN
+from moe_llava.data.conversation import GPT, HUMAN, Turn, parse_conversation
 from moe_llava.errors import TemplateError
-
-HUMAN, GPT = "human", "gpt"
-ROLE_ALIASES = {"human": HUMAN, "user": HUMAN, "gpt": GPT, "assistant": GPT}
 
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -71,28 +69,6 @@ class TokenizedSample:
         return spans
 
 
-def normalize_conversation(conversations: Any) -> list[tuple[str, str]]:
-    """``[{"from", "value"}, ...]`` -> ``[(role, text)]`` with canonical roles ``human``/``gpt``."""
-    if not isinstance(conversations, list):
-        raise TemplateError(
-            f"must be a list of turns, got {type(conversations).__name__}", field="conversations"
-        )
-    turns = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict):
-            raise TemplateError("turn must be an object", field=f"conversations[{i}]")
-        role = turn.get("from")
-        if role not in ROLE_ALIASES:
-            raise TemplateError(
-                f"unknown role {role!r} (expected human/gpt)", field=f"conversations[{i}].from"
-            )
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise TemplateError("turn text must be a string", field=f"conversations[{i}].value")
-        turns.append((ROLE_ALIASES[role], value))
-    return turns
-
-
 class _Builder:
     """Accumulates (ids, supervised) segments."""
 
@@ -108,11 +84,8 @@ class _Builder:
         self.input_ids.extend(ids)
         self.labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
 
-    def text(self, text: str, supervised: bool, *, allow_images: bool = False) -> None:
-        pieces = text.split(IMAGE_TOKEN)
-        if len(pieces) > 1 and not allow_images:
-            raise TemplateError(f"{IMAGE_TOKEN} placeholder outside a human turn")
-        for k, piece in enumerate(pieces):
+    def text(self, text: str, supervised: bool) -> None:
+        for k, piece in enumerate(text.split(IMAGE_TOKEN)):
             if k > 0:
                 self.image()
             if piece:
@@ -188,15 +161,16 @@ class ConversationTemplate:
     ) -> TokenizedSample:
         """Tokenize a conversation; labels supervise only the assistant answers (+ end of turn).
 
+        The conversation must follow the turn rules of :mod:`moe_llava.data.conversation`.
+
         With ``add_generation_prompt`` the conversation must end with a human turn; the result ends
         with the assistant prefix, ready for ``generate`` (all labels ``IGNORE_INDEX``).
         """
         if num_image_tokens < 1:
             raise TemplateError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
-        turns = normalize_conversation(conversations)
-        check_turn_structure(turns, generation=add_generation_prompt)
+        turns = parse_conversation(conversations, ending=HUMAN if add_generation_prompt else GPT)
         if image_token_id is None:
-            image_token_id = image_token_id_of(tokenizer) if any(IMAGE_TOKEN in t for _, t in turns) else -1
+            image_token_id = image_token_id_of(tokenizer) if any(IMAGE_TOKEN in t.text for t in turns) else -1
         builder = _Builder(tokenizer, num_image_tokens, image_token_id)
         self._build(builder, turns, add_generation_prompt)
         sample = builder.result()
@@ -208,29 +182,8 @@ class ConversationTemplate:
         """Text of the token(s) that close each supervised answer."""
         raise NotImplementedError
 
-    def _build(self, b: _Builder, turns: list[tuple[str, str]], generation: bool) -> None:
+    def _build(self, b: _Builder, turns: list[Turn], generation: bool) -> None:
         raise NotImplementedError
-
-
-def check_turn_structure(turns: list[tuple[str, str]], *, generation: bool = False) -> None:
-    """Non-empty, starts with human, strictly alternating, ends with an answer (or a question when
-    building a generation prompt). Raises :class:`TemplateError`."""
-    if not turns:
-        raise TemplateError("conversation is empty", field="conversations")
-    if turns[0][0] != HUMAN:
-        raise TemplateError("conversation must start with a human turn", field="conversations[0].from")
-    for i, (role, _) in enumerate(turns):
-        expected = HUMAN if i % 2 == 0 else GPT
-        if role != expected:
-            raise TemplateError(
-                f"turns must alternate human/gpt; turn {i} is {role}", field=f"conversations[{i}].from"
-            )
-    if generation and turns[-1][0] != HUMAN:
-        raise TemplateError("a generation prompt must end with a human turn", field="conversations")
-    if not generation and turns[-1][0] != GPT:
-        raise TemplateError(
-            "conversation ends with an unanswered human turn", field=f"conversations[{len(turns) - 1}]"
-        )
 
 
 @dataclass(frozen=True)
@@ -243,18 +196,18 @@ class PlainTemplate(ConversationTemplate):
     def end_of_turn_text(self, tokenizer: Any) -> str:
         return self.end_of_caption
 
-    def _build(self, b: _Builder, turns: list[tuple[str, str]], generation: bool) -> None:
+    def _build(self, b: _Builder, turns: list[Turn], generation: bool) -> None:
         if len(turns) != (1 if generation else 2):
             raise TemplateError(
                 "the plain template takes exactly one human turn (its <image>) and one caption",
                 field="conversations",
             )
         b.ids(tokenizer_prefix_ids(b.tokenizer), False)
-        n_images = turns[0][1].count(IMAGE_TOKEN)
+        n_images = turns[0].text.count(IMAGE_TOKEN)
         for _ in range(n_images):
             b.image()
         if not generation:
-            b.text(turns[1][1] + self.end_of_caption, True)
+            b.text(turns[1].text + self.end_of_caption, True)
 
 
 @dataclass(frozen=True)
@@ -285,7 +238,7 @@ class ChatTemplate(ConversationTemplate):
             return [bos]
         return []
 
-    def _build(self, b: _Builder, turns: list[tuple[str, str]], generation: bool) -> None:
+    def _build(self, b: _Builder, turns: list[Turn], generation: bool) -> None:
         eos = getattr(b.tokenizer, "eos_token_id", None)
         if eos is None:
             raise TemplateError(f"template {self.name!r} needs an EOS token but the tokenizer has none")
@@ -293,12 +246,12 @@ class ChatTemplate(ConversationTemplate):
         user, assistant = self.roles
         prompt = self.system + self.sep if self.system else ""
         for i in range(0, len(turns), 2):
-            question = turns[i][1]
+            question = turns[i].text
             prompt += f"{user}: {question}{self.sep}{assistant}:"
-            b.text(prompt, False, allow_images=True)
+            b.text(prompt, False)
             prompt = ""
             if i + 1 < len(turns):
-                b.text(" " + turns[i + 1][1], True)
+                b.text(" " + turns[i + 1].text, True)
                 b.ids([eos], True)
 
 

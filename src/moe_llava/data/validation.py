@@ -2,7 +2,8 @@
 
 Every record is checked completely and gets a list of :class:`Issue` (reason code, field, detail);
 a record is valid when that list is empty. The reason codes (:class:`Reason`) are stable strings
-used in reports, quarantine files and counts.
+used in reports, quarantine files and counts. The conversation's rules (roles, order, ``<image>``
+placement) are :mod:`moe_llava.data.conversation`'s, the same that templates and question files use.
 
 Token-level checks (``too_long``, ``fully_masked``, ``template_mismatch``) run only when a
 tokenizer and a template are configured, because they depend on the model.
@@ -30,17 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from moe_llava.constants import IMAGE_TOKEN
+from moe_llava.data import conversation
+from moe_llava.data.conversation import GPT, conversation_issues, role_of
 from moe_llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageIssue, open_image, resolve_image_path
 from moe_llava.data.manifest import ManifestEntry, iter_entries
-from moe_llava.data.templates import (
-    GPT,
-    HUMAN,
-    ROLE_ALIASES,
-    ConversationTemplate,
-    TokenizedSample,
-    get_template,
-    image_token_id_of,
-)
+from moe_llava.data.templates import ConversationTemplate, TokenizedSample, get_template, image_token_id_of
 from moe_llava.errors import TemplateError
 
 
@@ -48,18 +43,21 @@ class Reason(StrEnum):
     """Why a record is rejected."""
 
     MALFORMED_JSON = "malformed_json"  # a JSONL line that is not valid JSON
-    MALFORMED_RECORD = "malformed_record"  # missing/ill-typed id, image, conversations, from, value
+    MALFORMED_RECORD = (
+        conversation.MALFORMED_RECORD
+    )  # missing/ill-typed id, image, conversations, from, value
     DUPLICATE_ID = "duplicate_id"  # ids must be unique (evaluation pairs answers by id)
     MISSING_IMAGE = "missing_image"
     UNREADABLE_IMAGE = "unreadable_image"  # corrupt, truncated, or not a readable file
     NOT_AN_IMAGE = "not_an_image"  # a file Pillow does not recognise as an image
     UNSAFE_IMAGE_PATH = "unsafe_image_path"  # absolute, '..', or a symlink out of the image folder
     OVERSIZED_IMAGE = "oversized_image"  # more pixels than the decompression-bomb guard allows
-    EMPTY_CONVERSATION = "empty_conversation"
-    NOT_STARTING_WITH_HUMAN = "not_starting_with_human"
-    NOT_ALTERNATING = "not_alternating"  # includes a trailing unanswered human turn
-    IMAGE_PLACEHOLDER_MISMATCH = "image_placeholder_mismatch"  # <image> count != number of images
-    EMPTY_ANSWER = "empty_answer"
+    EMPTY_CONVERSATION = conversation.EMPTY_CONVERSATION
+    NOT_STARTING_WITH_HUMAN = conversation.NOT_STARTING_WITH_HUMAN
+    NOT_ALTERNATING = conversation.NOT_ALTERNATING  # includes a trailing unanswered human turn
+    # <image> count != number of images, or an <image> in an answer
+    IMAGE_PLACEHOLDER_MISMATCH = conversation.IMAGE_PLACEHOLDER_MISMATCH
+    EMPTY_ANSWER = conversation.EMPTY_ANSWER
     TEMPLATE_MISMATCH = "template_mismatch"  # e.g. a multi-turn record under the `plain` template
     TOO_LONG = "too_long"  # longer than max_length tokens (image tokens included)
     FULLY_MASKED = "fully_masked"  # no answer token would be supervised (loss would be 0)
@@ -253,8 +251,7 @@ class Validator:
             self.leading_gpt != "drop"
             or not isinstance(turns, list)
             or len(turns) < 2
-            or not isinstance(turns[0], dict)
-            or ROLE_ALIASES.get(turns[0].get("from")) != GPT
+            or role_of(turns[0]) != GPT
         ):
             return record
         result.fixes.append(Fix.DROPPED_LEADING_GPT.value)
@@ -285,80 +282,10 @@ class Validator:
             result.add(issue.reason, field_name, issue.detail)
 
     def _check_conversation(self, record: dict, result: RecordCheck, num_images: int | None) -> bool:
-        conversations = record.get("conversations")
-        if not isinstance(conversations, list):
-            result.add(Reason.MALFORMED_RECORD, "conversations", "conversations must be a list of turns")
-            return False
-        if not conversations:
-            result.add(Reason.EMPTY_CONVERSATION, "conversations", "conversation has no turns")
-            return False
-        roles: list[str] = []
-        ok = True
-        for i, turn in enumerate(conversations):
-            where_ = f"conversations[{i}]"
-            if not isinstance(turn, dict):
-                result.add(
-                    Reason.MALFORMED_RECORD, where_, "a turn must be an object with 'from' and 'value'"
-                )
-                ok = False
-                continue
-            if turn.get("from") not in ROLE_ALIASES:
-                result.add(Reason.MALFORMED_RECORD, f"{where_}.from", f"unknown role {turn.get('from')!r}")
-                ok = False
-            if not isinstance(turn.get("value"), str):
-                result.add(Reason.MALFORMED_RECORD, f"{where_}.value", "turn text must be a string")
-                ok = False
-            roles.append(ROLE_ALIASES.get(turn.get("from"), "?"))
-        if not ok:
-            return False
-        if roles[0] != HUMAN:
-            result.add(
-                Reason.NOT_STARTING_WITH_HUMAN,
-                "conversations[0].from",
-                f"first turn is from {conversations[0]['from']!r}",
-            )
-            ok = False
-        else:
-            for i, role in enumerate(roles):
-                if role != (HUMAN if i % 2 == 0 else GPT):
-                    result.add(
-                        Reason.NOT_ALTERNATING, f"conversations[{i}].from", f"turn {i} repeats role {role!r}"
-                    )
-                    ok = False
-                    break
-            else:
-                if roles[-1] != GPT:
-                    result.add(
-                        Reason.NOT_ALTERNATING,
-                        f"conversations[{len(roles) - 1}]",
-                        "ends with an unanswered human turn",
-                    )
-                    ok = False
-        placeholders = 0
-        for i, turn in enumerate(conversations):
-            value = turn["value"]
-            role = ROLE_ALIASES[turn["from"]]
-            if role == GPT:
-                if not value.strip():
-                    result.add(Reason.EMPTY_ANSWER, f"conversations[{i}].value", "assistant answer is empty")
-                    ok = False
-                if IMAGE_TOKEN in value:
-                    result.add(
-                        Reason.IMAGE_PLACEHOLDER_MISMATCH,
-                        f"conversations[{i}].value",
-                        f"{IMAGE_TOKEN} in an assistant turn",
-                    )
-                    ok = False
-            else:
-                placeholders += value.count(IMAGE_TOKEN)
-        if num_images is not None and placeholders != num_images:
-            result.add(
-                Reason.IMAGE_PLACEHOLDER_MISMATCH,
-                "conversations",
-                f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)",
-            )
-            ok = False
-        return ok
+        turns, issues = conversation_issues(record.get("conversations"), num_images=num_images)
+        for issue in issues:
+            result.add(issue.reason, issue.field, issue.detail)
+        return turns is not None and not issues
 
     def _check_tokens(self, record: dict, result: RecordCheck) -> None:
         assert isinstance(self.template, ConversationTemplate)

@@ -31,14 +31,14 @@ def metric_name(text: str) -> str:
 
 def check_questions(questions: Sequence[Question], path: Path, image_folder: str | Path | None) -> None:
     """Structure and image files of every question, before generation; errors name file/record/field."""
-    from moe_llava.data.templates import GPT, ROLE_ALIASES
+    from moe_llava.data.conversation import GPT, role_of
     from moe_llava.data.validation import Validator
 
     validator = Validator(image_folder=image_folder, image_check="exists")
     bad = []
     for q in questions:
         record = q.record
-        if ROLE_ALIASES.get(record["conversations"][-1]["from"]) != GPT:  # a generation prompt
+        if role_of(record["conversations"][-1]) != GPT:  # a generation prompt
             record = {**record, "conversations": [*record["conversations"], {"from": "gpt", "value": "-"}]}
         check = validator.check_record(record, location=q.location)
         if not check.ok:

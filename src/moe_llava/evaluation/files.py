@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_llava.data.conversation import GPT, HUMAN, parse_conversation
 from moe_llava.data.manifest import ManifestEntry, iter_entries
-from moe_llava.data.templates import GPT, HUMAN, ROLE_ALIASES
-from moe_llava.errors import EvalFileError
+from moe_llava.errors import ConversationError, EvalFileError
 from moe_llava.inference import question_record
 
 POPE_LABELS = ("yes", "no")
+QUESTION_KINDS = ("pope", "vqa", None)
 
 
 @dataclass
@@ -98,41 +99,6 @@ def _with_suffix(text: str, suffix: str | None) -> str:
     return f"{text.rstrip()}\n{suffix.strip()}"
 
 
-def _last_turn(conversations: list[dict], role: str) -> str | None:
-    turns = [t for t in conversations if ROLE_ALIASES.get(t.get("from")) == role]
-    return turns[-1]["value"] if turns else None
-
-
-def _check_conversations(value: Any, path: Path, location: str, qid: str) -> list[dict]:
-    where = {"file": path, "location": location}
-    if not isinstance(value, list) or not value:
-        raise EvalFileError(
-            f"question_id {qid!r}: conversations must be a non-empty list of turns",
-            field="conversations",
-            **where,
-        )
-    for i, turn in enumerate(value):
-        if not isinstance(turn, dict) or turn.get("from") not in ROLE_ALIASES:
-            raise EvalFileError(
-                f"question_id {qid!r}: each turn needs 'from' in {sorted(ROLE_ALIASES)}",
-                field=f"conversations[{i}].from",
-                **where,
-            )
-        if not isinstance(turn.get("value"), str):
-            raise EvalFileError(
-                f"question_id {qid!r}: turn value must be a string",
-                field=f"conversations[{i}].value",
-                **where,
-            )
-    if ROLE_ALIASES[value[0]["from"]] != HUMAN:
-        raise EvalFileError(
-            f"question_id {qid!r}: the first turn must be a human question",
-            field="conversations[0].from",
-            **where,
-        )
-    return value
-
-
 def parse_pope_label(value: Any, path: Path, location: str, qid: str, field: str = "label") -> str:
     """``yes`` / ``no`` from a POPE label (case and a trailing period are ignored)."""
     text = value.strip().rstrip(".").strip().lower() if isinstance(value, str) else None
@@ -157,9 +123,11 @@ def read_questions(
     (``kind="vqa"``: a reference ``answer`` or final gpt turn is required) file, in file order.
 
     ``prompt_suffix`` is appended (on its own line) to questions built from ``text``; records with
-    ``conversations`` are used as they are. ``limit`` keeps the first ``limit`` questions.
+    ``conversations`` are used as they are (they follow the turn rules of
+    :mod:`moe_llava.data.conversation`, ending with a question or an answer). ``limit`` keeps the
+    first ``limit`` questions.
     """
-    if kind not in (None, "pope", "vqa"):
+    if kind not in QUESTION_KINDS:
         raise ValueError(f"kind must be 'pope', 'vqa' or None, got {kind!r}")
     path = Path(path)
     questions: list[Question] = []
@@ -167,87 +135,111 @@ def read_questions(
     for entry in _entries(path):
         if limit is not None and len(questions) >= limit:
             break
-        record, location = entry.record, entry.location
-        qid = _question_id(record, path, location)
-        if qid in first_location:
-            raise EvalFileError(
-                f"duplicate question_id {qid!r} (first on {first_location[qid]})",
-                file=path,
-                location=location,
-                field="question_id",
-            )
-        first_location[qid] = location
-        image = record.get("image")
-        if image is not None and not (
-            isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))
-        ):
-            raise EvalFileError(
-                f"question_id {qid!r}: image must be a path (string) or a list of paths, got {image!r}",
-                file=path,
-                location=location,
-                field="image",
-            )
-        gpt_answer = None
-        if "conversations" in record:
-            conversations = _check_conversations(record["conversations"], path, location, qid)
-            prompt = {"id": qid, "conversations": conversations}
-            if image is not None:
-                prompt["image"] = image
-            text = _last_turn(conversations, HUMAN) or ""
-            gpt_answer = (
-                _last_turn(conversations, GPT) if ROLE_ALIASES[conversations[-1]["from"]] == GPT else None
-            )
-        else:
-            text = record.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise EvalFileError(
-                    f"question_id {qid!r}: a record without conversations needs a non-empty 'text'",
-                    file=path,
-                    location=location,
-                    field="text",
-                )
-            text = _with_suffix(text, prompt_suffix)
-            if isinstance(image, list):
-                raise EvalFileError(
-                    f"question_id {qid!r}: a record without conversations takes one image",
-                    file=path,
-                    location=location,
-                    field="image",
-                )
-            prompt = question_record(qid, image, text)
-        question = Question(qid, location, prompt, text, source=record)
-        category = record.get("category")
-        question.category = None if category is None else str(category)
-        if kind == "pope":
-            if "label" in record:
-                question.label = parse_pope_label(record["label"], path, location, qid)
-            elif "answer" in record:
-                question.label = parse_pope_label(record["answer"], path, location, qid, "answer")
-            elif gpt_answer is not None:
-                question.label = parse_pope_label(gpt_answer, path, location, qid, "conversations")
-            else:
-                raise EvalFileError(
-                    f"question_id {qid!r}: no 'label' (yes/no) to score against",
-                    file=path,
-                    location=location,
-                    field="label",
-                )
-        elif kind == "vqa":
-            reference = record.get("answer", gpt_answer)
-            if isinstance(reference, (int, float)) and not isinstance(reference, bool):
-                reference = str(reference)
-            if not isinstance(reference, str):
-                raise EvalFileError(
-                    f"question_id {qid!r}: no reference answer (an 'answer' string or a final gpt turn)",
-                    file=path,
-                    location=location,
-                    field="answer",
-                )
-            question.answer = reference
-        questions.append(question)
+        at = _At(path, entry.location, _question_id(entry.record, path, entry.location))
+        _check_first_use(at, first_location)
+        questions.append(_question(entry.record, at, kind, prompt_suffix))
     if not questions:
         raise EvalFileError("no questions", file=path)
     return questions
+
+
+@dataclass(frozen=True)
+class _At:
+    """Where a question is (file, ``line N`` / ``record #i``, id), for its error messages."""
+
+    file: Path
+    location: str
+    qid: str
+
+    def error(self, message: str, field: str) -> EvalFileError:
+        return EvalFileError(
+            f"question_id {self.qid!r}: {message}", file=self.file, location=self.location, field=field
+        )
+
+
+def _check_first_use(at: _At, first_location: dict[str, str]) -> None:
+    if at.qid in first_location:
+        raise EvalFileError(
+            f"duplicate question_id {at.qid!r} (first on {first_location[at.qid]})",
+            file=at.file,
+            location=at.location,
+            field="question_id",
+        )
+    first_location[at.qid] = at.location
+
+
+def _question(record: dict, at: _At, kind: str | None, prompt_suffix: str | None) -> Question:
+    """One question: its generation prompt, then what ``kind`` scores it against."""
+    image = _image(record, at)
+    if "conversations" in record:
+        prompt, text, gpt_answer = _conversation_prompt(record["conversations"], image, at)
+    else:
+        prompt, text = _text_prompt(record, image, at, prompt_suffix)
+        gpt_answer = None
+    category = record.get("category")
+    question = Question(
+        at.qid, at.location, prompt, text, category=None if category is None else str(category), source=record
+    )
+    if kind == "pope":
+        question.label = _pope_label(record, gpt_answer, at)
+    elif kind == "vqa":
+        question.answer = _reference_answer(record, gpt_answer, at)
+    return question
+
+
+def _image(record: dict, at: _At) -> Any:
+    image = record.get("image")
+    if image is not None and not (
+        isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))
+    ):
+        raise at.error(f"image must be a path (string) or a list of paths, got {image!r}", "image")
+    return image
+
+
+def _conversation_prompt(conversations: Any, image: Any, at: _At) -> tuple[dict, str, str | None]:
+    """The record's own conversation as the prompt; the question is its last human turn, and a
+    final gpt turn is the reference answer."""
+    try:
+        turns = parse_conversation(conversations, ending=None)
+    except ConversationError as err:
+        raise at.error(err.detail, err.field) from None
+    prompt = {"id": at.qid, "conversations": conversations}
+    if image is not None:
+        prompt["image"] = image
+    text = next(turn.text for turn in reversed(turns) if turn.role == HUMAN)
+    return prompt, text, turns[-1].text if turns[-1].role == GPT else None
+
+
+def _text_prompt(record: dict, image: Any, at: _At, prompt_suffix: str | None) -> tuple[dict, str]:
+    """A one-turn prompt from ``text`` (plus the suffix) and the record's one image."""
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise at.error("a record without conversations needs a non-empty 'text'", "text")
+    if isinstance(image, list):
+        raise at.error("a record without conversations takes one image", "image")
+    text = _with_suffix(text, prompt_suffix)
+    return question_record(at.qid, image, text), text
+
+
+def _pope_label(record: dict, gpt_answer: str | None, at: _At) -> str:
+    """The yes/no label: ``label``, else ``answer``, else the final gpt turn."""
+    if "label" in record:
+        return parse_pope_label(record["label"], at.file, at.location, at.qid)
+    if "answer" in record:
+        return parse_pope_label(record["answer"], at.file, at.location, at.qid, "answer")
+    if gpt_answer is not None:
+        return parse_pope_label(gpt_answer, at.file, at.location, at.qid, "conversations")
+    raise at.error("no 'label' (yes/no) to score against", "label")
+
+
+def _reference_answer(record: dict, gpt_answer: str | None, at: _At) -> str:
+    """The VQA reference: ``answer`` (a number becomes its text), else the final gpt turn."""
+    reference = record.get("answer", gpt_answer)
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        reference = str(reference)
+    if not isinstance(reference, str):
+        raise at.error("no reference answer (an 'answer' string or a final gpt turn)", "answer")
+    return reference
 
 
 def read_answers(path: str | Path) -> list[Answer]:
