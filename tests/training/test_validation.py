@@ -100,7 +100,8 @@ def test_trainer_callbacks_and_loggers_are_instantiated_from_config(tiny_vlm, tm
             "stage.micro_batch_size=8",
         ]
     )
-    trainer = build_trainer(cfg, tiny_vlm, stage_paths(cfg), run_id=None, extra_callbacks=[])
+    stage = validate_stage_config(cfg, check_paths=False).stage
+    trainer = build_trainer(cfg, stage, tiny_vlm, stage_paths(cfg), run_id=None, extra_callbacks=[])
     assert (trainer.max_steps, trainer.max_epochs, trainer.accumulate_grad_batches) == (200, 1, 4)
     assert trainer.gradient_clip_val == 1.0 and trainer.num_sanity_val_steps == 0
     assert {ModelCheckpoint, LearningRateMonitor, RouterStatsLogger} <= {type(c) for c in trainer.callbacks}
@@ -156,6 +157,7 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["model.language_model.config.model_type=not-a-model"], "model.language_model.config.model_type"),
         (["model.vision_tower.config.model_type=llama"], "model.vision_tower.config.model_type"),
         (["resume=sometimes"], "resume"),
+        (["seed=abc"], "seed"),
         (["stage.lr_scale={vision:0.1}"], "stage.lr_scale.vision"),
         (["stage.lr_scale={vision_tower:0}"], "stage.lr_scale.vision_tower"),
         (["stage.epochs=two"], "stage.epochs"),
@@ -212,7 +214,7 @@ def test_the_checked_sections_come_back_typed():
     assert settings.stage.lr == 1e-3 and isinstance(settings.stage.micro_batch_size, int)
     assert settings.moe.num_experts >= 2 and settings.data.stages["stage3"].template
     assert (settings.export.dtype, settings.seed) == ("auto", 42)
-    assert "router_aux_loss_coef" not in settings.moe.upcycle_settings()
+    assert settings.data.num_workers == 0 and settings.lora.enabled is False
 
 
 def test_missing_data_and_previous_export_are_reported_before_any_work(tmp_path):

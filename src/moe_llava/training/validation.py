@@ -132,10 +132,6 @@ class MoEConfig(ConfigSection):
         )
         return self
 
-    def upcycle_settings(self) -> dict[str, Any]:
-        """The keyword arguments of ``model.upcycle`` (everything but the loss coefficients)."""
-        return self.model_dump(exclude={"router_aux_loss_coef", "router_z_loss_coef"})
-
 
 class LoraConfig(ConfigSection):
     """``conf/lora/*.yaml``: LoRA adapters (:mod:`moe_llava.model.lora`) instead of full training."""
