@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-from moe_llava.model import MoELlavaForCausalLM, SparseMoeBlock
 from moe_llava.errors import ConfigError
+from moe_llava.model import MoELlavaForCausalLM, SparseMoeBlock
 from moe_llava.training import run_stage
 from moe_llava.training.stages import configure_trainable
 from tests.training.conftest import shrunk_overrides
