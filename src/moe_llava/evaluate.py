@@ -8,7 +8,6 @@ for MoE models; settings in ``conf/evaluation/``; outputs in ``<run_dir>/<stage>
 from __future__ import annotations
 
 import json
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -20,18 +19,12 @@ SUMMARY_KEYS = ("pope/mean_f1", "eval/num_questions", "eval/num_missing", "eval/
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from moe_llava.errors import CheckpointError, ConfigError, DataError, TrackingUnavailable
+    from moe_llava.errors import user_errors
     from moe_llava.evaluation.runner import run_evaluation
 
-    try:
+    # a bad config, question file or image (file, line and field), a tracking server that is down
+    with user_errors("moe-llava eval"):
         metrics = run_evaluation(cfg)
-    except ConfigError as err:  # one readable line, before any work started
-        print(f"moe-llava eval: config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (CheckpointError, DataError, TrackingUnavailable) as err:
-        # a bad question file or image (file, line and field), or a tracking server that is down
-        print(f"moe-llava eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
     shown = {k: v for k, v in metrics.items() if k in SUMMARY_KEYS or k.endswith(("/f1", "/accuracy"))}
     shown = {k: v for k, v in shown.items() if k.count("/") <= 2}  # not the per-category accuracies
     print(json.dumps(shown, indent=2))

@@ -32,6 +32,8 @@ def config_error(err: ValidationError, prefix: str) -> ConfigError:
     if first["type"] == "value_error":  # a validator's ValueError: its message as written
         error = first["ctx"]["error"]  # a nested section's ConfigError already names its full key
         return error if isinstance(error, ConfigError) else ConfigError(path, str(error))
+    if first["type"] == "missing":  # its input is the whole section: not worth printing
+        return ConfigError(path, "is missing")
     message = first["msg"][:1].lower() + first["msg"][1:]
     return ConfigError(path, f"{message}, got {first['input']!r}")
 

@@ -11,8 +11,10 @@ import lightning as L
 import pytest
 import torch
 
+from moe_llava.errors import ConfigError
 from moe_llava.model import MoELlavaForCausalLM, SparseMoeBlock
 from moe_llava.training import run_stage
+from moe_llava.training.stages import configure_trainable
 from tests.training.conftest import shrunk_overrides
 
 
@@ -79,6 +81,19 @@ def test_train_modules_patterns_override_the_stage_groups(compose_stage):
     )
     assert recorder.trainable == {"projector.linear_2.weight", "projector.linear_2.bias"}
     assert recorder.changed == recorder.trainable
+
+
+@pytest.mark.parametrize(
+    ("groups", "patterns", "match"),
+    [
+        (["attention"], None, r"^stage\.trainable: unknown group 'attention'"),
+        ([], ["nowhere\\.weight"], r"^train_modules: pattern 'nowhere\\\\.weight' matches no parameter"),
+        ([], None, r"^stage\.trainable: selects no parameter"),
+    ],
+)
+def test_a_trainable_set_that_selects_nothing_is_a_config_error(tiny_vlm, groups, patterns, match):
+    with pytest.raises(ConfigError, match=match):
+        configure_trainable(tiny_vlm, groups, patterns)
 
 
 def test_stage3_continues_from_an_existing_moe_checkpoint(compose_stage, tmp_path):

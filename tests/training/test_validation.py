@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import typing
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -12,7 +15,7 @@ from moe_llava.model.upcycle import find_decoder_layers
 from moe_llava.paths import CONF_DIR
 from moe_llava.training.lit_module import param_groups
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
-from moe_llava.training.validation import validate_stage_config
+from moe_llava.training.validation import PRECISION, validate_stage_config
 
 
 def composed(*overrides: str) -> dict:
@@ -97,7 +100,8 @@ def test_trainer_callbacks_and_loggers_are_instantiated_from_config(tiny_vlm, tm
             "stage.micro_batch_size=8",
         ]
     )
-    trainer = build_trainer(cfg, tiny_vlm, stage_paths(cfg), run_id=None, extra_callbacks=[])
+    stage = validate_stage_config(cfg, check_paths=False).stage
+    trainer = build_trainer(cfg, stage, tiny_vlm, stage_paths(cfg), run_id=None, extra_callbacks=[])
     assert (trainer.max_steps, trainer.max_epochs, trainer.accumulate_grad_batches) == (200, 1, 4)
     assert trainer.gradient_clip_val == 1.0 and trainer.num_sanity_val_steps == 0
     assert {ModelCheckpoint, LearningRateMonitor, RouterStatsLogger} <= {type(c) for c in trainer.callbacks}
@@ -153,16 +157,15 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["model.language_model.config.model_type=not-a-model"], "model.language_model.config.model_type"),
         (["model.vision_tower.config.model_type=llama"], "model.vision_tower.config.model_type"),
         (["resume=sometimes"], "resume"),
+        (["seed=abc"], "seed"),
         (["stage.lr_scale={vision:0.1}"], "stage.lr_scale.vision"),
         (["stage.lr_scale={vision_tower:0}"], "stage.lr_scale.vision_tower"),
-        (["+stage.learning_rate=0.1"], "stage.learning_rate"),  # a typo: the schema has no such key
         (["stage.epochs=two"], "stage.epochs"),
         (["moe.router_aux_loss_coef=-1"], "moe.router_aux_loss_coef"),
         (["trainer.accelerator=quantum"], "trainer.accelerator"),
         (["export.dtype=fp8"], "export.dtype"),
         (["export.max_shard_size=big"], "export.max_shard_size"),
         (["++stage_overrides.stage1.lr=0.1"], "stage_overrides"),  # the old mechanism is not ignored
-        (["+data.max_lenght=128"], "data.max_lenght"),  # a typo in the data group
         (["data.max_length=0"], "data.max_length"),
         (["data.overlength=cut"], "data.overlength"),
         (["data.leading_gpt=keep"], "data.leading_gpt"),
@@ -171,7 +174,6 @@ def test_fsdp_wraps_each_decoder_layer_so_the_moe_block_is_one_unit(tiny_vlm):
         (["data.validation.image_check=everything"], "data.validation.image_check"),
         (["data.validation.max_rejected_fraction=1.5"], "data.validation.max_rejected_fraction"),
         (["data.stages.stage2.template=llama9"], "data.stages.stage2.template"),
-        (["+data.stages.stage1.tempalte=phi"], "data.stages.stage1.tempalte"),
         (["data.eval.image_aspect=stretch"], "data.eval.image_aspect"),
     ],
 )
@@ -179,6 +181,40 @@ def test_invalid_settings_name_the_key(overrides, key):
     cfg = composed("experiment=tiny_cpu", *overrides)
     with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}:"):
         validate_stage_config(cfg, check_paths=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+stage.learning_rate=0.1", "stage: unknown keys ['learning_rate']"),  # the schema has no such key
+        ("+data.max_lenght=128", "data: unknown keys ['max_lenght']"),
+        ("+data.stages.stage1.tempalte=phi", "data.stages.stage1: unknown keys ['tempalte']"),
+        ("~stage.lr", "stage.lr: is missing"),
+        ("data.stages.stage2.template=llama9", "data.stages.stage2.template: unknown template 'llama9'"),
+    ],
+)
+def test_a_typo_or_a_missing_key_is_named_with_its_section(override, message):
+    cfg = composed("experiment=tiny_cpu", override)
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        validate_stage_config(cfg, check_paths=False)
+
+
+def test_the_precision_literal_is_what_lightning_accepts():
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    def values(tp) -> set:
+        args = typing.get_args(tp)
+        return {value for arg in args for value in (values(arg) or {arg})} if args else set()
+
+    assert values(PRECISION) == values(_PRECISION_INPUT)
+
+
+def test_the_checked_sections_come_back_typed():
+    settings = validate_stage_config(composed("experiment=tiny_cpu", "stage=stage3", "stage.lr=1e-3"), False)
+    assert settings.stage.lr == 1e-3 and isinstance(settings.stage.micro_batch_size, int)
+    assert settings.moe.num_experts >= 2 and settings.data.stages["stage3"].template
+    assert (settings.export.dtype, settings.seed) == ("auto", 42)
+    assert settings.data.num_workers == 0 and settings.lora.enabled is False
 
 
 def test_missing_data_and_previous_export_are_reported_before_any_work(tmp_path):

@@ -12,6 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from moe_llava.data.config import dataset_from_config, prepare_stage, stage_manifest, validator_from_config
 from moe_llava.data.loader import build_dataloader
+from moe_llava.errors import ConfigError
 
 SPLITS = ("train", "val")
 
@@ -30,7 +31,7 @@ def prepare_splits(data_cfg: Any, stage: str, out_dir: str | Path, *, tokenizer:
             continue
         source = Path(manifest)
         if not source.is_file():
-            raise ValueError(f"data.stages.{stage}.{split}: manifest {source} does not exist")
+            raise ConfigError(f"data.stages.{stage}.{split}", f"manifest {source} does not exist")
         split_dir = out_dir / split
         validator = validator_from_config(
             data_cfg, stage, tokenizer=tokenizer, num_image_tokens=num_image_tokens
@@ -170,9 +171,10 @@ class LlavaDataModule(L.LightningDataModule):
         if not state:
             return
         if state["seed"] != self.seed:
-            raise ValueError(
+            raise ConfigError(
+                "seed",
                 f"the checkpoint's epoch order was drawn with seed {state['seed']}, this run has seed "
-                f"{self.seed}: resume with the same seed, or start the stage over (resume=never)"
+                f"{self.seed}: resume with the same seed, or start the stage over (resume=never)",
             )
         if self._train_loader_built:  # FSDP and DeepSpeed restore after setup, which built the loader
             warnings.warn(

@@ -59,7 +59,15 @@ from moe_llava.training.stages import (
     split_moe_settings,
 )
 from moe_llava.training.strategies import build_strategy, is_checkpoint_io_compatible
-from moe_llava.training.validation import accumulation_steps, validate_stage_config
+from moe_llava.training.validation import (
+    DataConfig,
+    LoraConfig,
+    MoEConfig,
+    StageConfig,
+    StageSettings,
+    accumulation_steps,
+    validate_stage_config,
+)
 
 COMPLETED = "COMPLETED"
 log = logging.getLogger(__name__)
@@ -80,16 +88,16 @@ def stage_paths(cfg: DictConfig) -> dict[str, Path]:
 
 def load_model_and_processors(
     model_cfg: DictConfig,
-    moe_cfg: DictConfig,
     data_cfg: DictConfig,
-    stage_cfg: DictConfig,
+    stage: StageConfig,
+    moe: MoEConfig,
     init_dir: Path | None,
     processors: tuple[Any, Any] | None = None,
 ):
-    """The stage's model (built from ``model_cfg`` or loaded from ``init_dir``, upcycled with ``moe_cfg``
+    """The stage's model (built from ``model_cfg`` or loaded from ``init_dir``, upcycled with ``moe``
     when the stage says so), its tokenizer and image processor (``processors``: already loaded), and
     where the model came from."""
-    moe_settings, coefficients = split_moe_settings(OmegaConf.to_container(moe_cfg))
+    moe_settings, coefficients = split_moe_settings(moe.model_dump())
     if processors is not None:
         tokenizer, image_processor = processors
     elif init_dir is None:  # stage 1 (or a later stage without a previous export): the recipe
@@ -102,10 +110,10 @@ def load_model_and_processors(
         tokenizer = load_tokenizer(init_dir)
         image_processor = AutoImageProcessor.from_pretrained(str(init_dir), trust_remote_code=False)
     model, origin = load_stage_model(
-        stage_cfg.name,
+        stage.name,
         init_dir,
         lambda: instantiate(model_cfg, tokenizer=tokenizer),
-        upcycle=bool(stage_cfg.upcycle),
+        upcycle=stage.upcycle,
         moe_settings=moe_settings,
     )
     if model.is_moe:  # the moe group is their only source (a dense stage does not read it)
@@ -114,13 +122,12 @@ def load_model_and_processors(
     return model, tokenizer, image_processor, origin
 
 
-def record_prompt_format(model_config, data_cfg: DictConfig, stage: str) -> None:
+def record_prompt_format(model_config, data: DataConfig, stage: str) -> None:
     """Store the stage's template and image preparation in the model config (inference reads them)."""
-    node = stage_config(data_cfg, stage)
-    model_config.conversation_template = str(node.get("template", "phi"))
-    model_config.image_aspect = str(node.get("image_aspect", "pad"))
-    pad_color = data_cfg.get("pad_color")
-    model_config.pad_color = None if pad_color is None else [int(c) for c in pad_color]
+    node = data.stages[stage]
+    model_config.conversation_template = node.template
+    model_config.image_aspect = node.image_aspect
+    model_config.pad_color = data.pad_color
 
 
 def export_stage(
@@ -142,7 +149,7 @@ def export_stage(
 
 
 def export_lora_stage(
-    peft_model, lora_cfg: DictConfig, tokenizer, image_processor, paths: dict, **written: Any
+    peft_model, lora: LoraConfig, tokenizer, image_processor, paths: dict, **written: Any
 ) -> None:
     """The export of a LoRA stage: merged into a plain export (``lora.export=merged``), or the
     adapters alone in the PEFT format (``adapter``; ``moe-llava model merge-lora`` merges them).
@@ -151,7 +158,7 @@ def export_lora_stage(
     weights are not the weights the next stage should get): the adapters are merged into it.
     ``written``: dtype and shard size of a merged export (:func:`export_stage`).
     """
-    if lora_cfg.export == "adapter":
+    if lora.export == "adapter":
 
         def save(folder: Path) -> None:
             save_adapter(peft_model, folder)
@@ -159,7 +166,7 @@ def export_lora_stage(
             image_processor.save_pretrained(folder)
 
         write_dir(paths["export"], save, "stage export (adapters)")
-    elif lora_cfg.get("quantize"):
+    elif lora.quantize:
         if paths["init"] is None:
             raise ConfigError("lora.quantize", "a QLoRA stage needs an export to start from (init_from)")
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,132 +184,198 @@ def _init_is_moe(init_dir: Path | None) -> bool:
 def run_stage(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train ``cfg.stage`` and export it; ``callbacks`` are added to the Trainer's (programmatic use)."""
     cfg = resolved(cfg)
-    validate_stage_config(cfg)
-    L.seed_everything(int(cfg.seed), workers=True)
-    stage = cfg.stage.name
+    settings = validate_stage_config(cfg)
+    L.seed_everything(settings.seed, workers=True)
     paths = stage_paths(cfg)
     started = time.perf_counter()
-    bound_http_retries(cfg.logger.get("http"))
-    if rank_zero_only.rank == 0:  # before any work: a tracking server that is down is an error now
-        require_server(tracking_uri(cfg.logger), cfg.logger.get("connect_timeout_s"))
-
+    _require_tracking_server(cfg.logger)
     # everything else that can fail (strategy, weights' sources, tokenizer, the data), before the
     # model loads and before the MLflow run; rank 0 prepares the data
-    prepared = preflight(cfg, paths["init"], paths["data"], prepare_data=rank_zero_only.rank == 0)
+    prepared = preflight(cfg, paths["init"], paths["data"], prepare_data=_is_rank_zero())
+    resume = _resume_or_start_over(cfg, paths)
 
+    model, tokenizer, image_processor, origin = load_model_and_processors(
+        cfg.model,
+        cfg.data,
+        settings.stage,
+        settings.moe,
+        paths["init"],
+        (prepared.tokenizer, prepared.image_processor),
+    )
+    peft_model, trainable_parts = _make_trainable(model, cfg, settings, paths["init"])
+    if resume:
+        _set_interrupted_log_aside(paths)
+    run = _start_run(cfg, paths, resume, model, origin)
+    with run:  # FINISHED, or KILLED / FAILED with the error
+        _log_run_inputs(run, cfg, trainable_parts)
+        trainer = build_trainer(cfg, settings.stage, model, paths, run.run_id, callbacks or [])
+        datamodule = LlavaDataModule(
+            cfg.data,
+            settings.stage.name,
+            paths["data"],
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            num_image_tokens=model.num_image_tokens,
+            micro_batch_size=settings.stage.micro_batch_size,
+            num_workers=settings.data.num_workers,
+            seed=settings.seed,
+        )
+        module = MoELlavaLitModule(
+            model,
+            lr=settings.stage.lr,
+            weight_decay=settings.stage.weight_decay,
+            warmup_ratio=settings.stage.warmup_ratio,
+            lr_scale=settings.stage.lr_scale,
+        )
+        result = _fit(trainer, module, datamodule, paths["checkpoints"] / "last.ckpt" if resume else None)
+        if _is_rank_zero():
+            _join_logs(trainer, result, paths)
+            _export(model, peft_model, tokenizer, image_processor, cfg, settings, paths)
+            result.update(
+                trainable_parameters=trainable_parts["total"],
+                wall_time_s=time.perf_counter() - started,
+                resumed=resume,
+            )
+            _record_completion(run, result, cfg.logger, paths)
+    _warn_unsent(run, paths)
+    return result
+
+
+def _is_rank_zero() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def _require_tracking_server(logger_cfg: DictConfig) -> None:
+    """Before any work: a tracking server that is down is an error now, not after training."""
+    bound_http_retries(logger_cfg.get("http"))
+    if _is_rank_zero():
+        require_server(tracking_uri(logger_cfg), logger_cfg.get("connect_timeout_s"))
+
+
+def _resume_or_start_over(cfg: DictConfig, paths: dict[str, Path]) -> bool:
+    """Whether the stage resumes from its last checkpoint; a fresh attempt removes stale checkpoints."""
     completed_marker = paths["stage_dir"] / COMPLETED
     last_ckpt = paths["checkpoints"] / "last.ckpt"
     resume = cfg.resume == "auto" and last_ckpt.is_file() and not completed_marker.exists()
-    if not resume and rank_zero_only.rank == 0:  # a fresh attempt: stale checkpoints must not leak in
+    if not resume and _is_rank_zero():  # stale checkpoints must not leak into a fresh attempt
         shutil.rmtree(paths["checkpoints"], ignore_errors=True)
         completed_marker.unlink(missing_ok=True)
+    return resume
 
-    model, tokenizer, image_processor, origin = load_model_and_processors(
-        cfg.model, cfg.moe, cfg.data, cfg.stage, paths["init"], (prepared.tokenizer, prepared.image_processor)
-    )
-    trainable = configure_trainable(model, cfg.stage.trainable, cfg.get("train_modules"))
+
+def _make_trainable(model, cfg: DictConfig, settings: StageSettings, init_dir: Path | None):
+    """Freeze all but the stage's trainable set (through LoRA adapters when ``lora.enabled``):
+    the PEFT model (None without LoRA) and the trainable parameter counts per part."""
+    stage = settings.stage
+    trainable = configure_trainable(model, stage.trainable, cfg.get("train_modules"))
     peft_model = apply_stage_lora(
-        model, cfg.get("lora"), trainable, fresh_routers=model.is_moe and not _init_is_moe(paths["init"])
+        model,
+        settings.lora.model_dump(),
+        trainable,
+        fresh_routers=model.is_moe and not _init_is_moe(init_dir),
     )
-    trainable_parts = trainable_counts(model)
-    if rank_zero_only.rank == 0:
+    counts = trainable_counts(model)
+    if _is_rank_zero():
         log.info(
             "%s trains %s parameters (%s frozen): %s",
-            stage,
-            f"{trainable_parts['total']:,}",
-            f"{trainable_parts['frozen']:,}",
-            ", ".join(f"{k} {v:,}" for k, v in trainable_parts.items() if k not in ("total", "frozen")),
+            stage.name,
+            f"{counts['total']:,}",
+            f"{counts['frozen']:,}",
+            ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("total", "frozen")),
         )
-    if cfg.stage.gradient_checkpointing:
+    if stage.gradient_checkpointing:
         # transformers 5.24 renamed it (the old name warns, and goes in v6); older 5.x only has the old one.
         enable = (
             getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         )
         enable()
+    return peft_model, counts
 
+
+def _csv_logs(paths: dict[str, Path]) -> tuple[Path, Path]:
+    """This attempt's CSV log and the interrupted attempts' one."""
     csv_log = paths["stage_dir"] / "logs" / "metrics.csv"
-    earlier_log = csv_log.with_name("metrics.interrupted.csv")
-    if resume and csv_log.is_file() and rank_zero_only.rank == 0:
+    return csv_log, csv_log.with_name("metrics.interrupted.csv")
+
+
+def _set_interrupted_log_aside(paths: dict[str, Path]) -> None:
+    """Lightning's CSV logger would start the file over: the interrupted attempt's rows are kept aside."""
+    csv_log, earlier_log = _csv_logs(paths)
+    if csv_log.is_file() and _is_rank_zero():
         if earlier_log.is_file():  # killed again before the two were joined: keep every attempt
             join_interrupted_log(earlier_log, csv_log)
-        csv_log.replace(earlier_log)  # Lightning's CSV logger would start the file over
-    data_version = data_hash()
-    run = start_stage_run(
+        csv_log.replace(earlier_log)
+
+
+def _start_run(cfg: DictConfig, paths: dict[str, Path], resume: bool, model, origin: str):
+    stage = cfg.stage.name
+    return start_stage_run(
         stage_dir=paths["stage_dir"],
         stage=stage,
         experiment_name=cfg.experiment_name,
         logger_cfg=cfg.logger,
         resume=resume,
         parent_run_id=cfg.get("parent_run_id"),
-        tags={
-            "stage": stage,
-            "model_origin": origin,
-            **provenance_tags(model),
-        },
-        is_global_zero=rank_zero_only.rank == 0,
+        tags={"stage": stage, "model_origin": origin, **provenance_tags(model)},
+        is_global_zero=_is_rank_zero(),
     )
-    with run:  # FINISHED, or KILLED / FAILED with the error
-        run.log_config(OmegaConf.to_container(cfg), OmegaConf.to_yaml(cfg))
-        if not run.resumed:
-            data_node = stage_config(cfg.data, stage)
-            for split, context in (("train", "training"), ("val", "validation")):
-                if data_node.get(split):
-                    name = f"{cfg.data.get('name', 'data')}/{Path(data_node[split]).stem}"
-                    run.log_dataset(data_node[split], name, data_version, context)
-        counts = {"trainable_parameters": trainable_parts["total"]}
-        run.log_metrics(counts)
-        run.log_params({"trainable": trainable_parts})  # per part and kind: trainable.experts.lora ...
-        trainer = build_trainer(cfg, model, paths, run.run_id, callbacks or [])
-        datamodule = LlavaDataModule(
-            cfg.data,
-            stage,
-            paths["data"],
-            tokenizer=tokenizer,
-            image_processor=image_processor,
-            num_image_tokens=model.num_image_tokens,
-            micro_batch_size=int(cfg.stage.micro_batch_size),
-            num_workers=int(cfg.data.get("num_workers", 0)),
-            seed=int(cfg.seed),
-        )
-        module = MoELlavaLitModule(
-            model,
-            lr=float(cfg.stage.lr),
-            weight_decay=float(cfg.stage.weight_decay),
-            warmup_ratio=float(cfg.stage.warmup_ratio),
-            lr_scale={str(k): float(v) for k, v in (cfg.stage.get("lr_scale") or {}).items()},
-        )
-        result = _fit(trainer, module, datamodule, paths["checkpoints"] / "last.ckpt" if resume else None)
-        if rank_zero_only.rank == 0:
-            if earlier_log.is_file():
-                join_interrupted_log(earlier_log, csv_log)
-            if not csv_log.is_file():  # fewer steps than trainer.log_every_n_steps: the final values
-                log_final_step(trainer, result)
-            record_prompt_format(model.config, cfg.data, stage)
-            export = cfg.get("export") or {}
-            written = {
-                "dtype": export_dtype(export.get("dtype", "auto"), cfg.trainer.get("precision")),
-                "max_shard_size": export.get("max_shard_size", "5GB"),
-            }
-            if peft_model is None:
-                export_stage(model, tokenizer, image_processor, paths["export"], **written)
-            else:
-                export_lora_stage(peft_model, cfg.lora, tokenizer, image_processor, paths, **written)
-            result.update(counts, wall_time_s=time.perf_counter() - started, resumed=resume)
-            (paths["stage_dir"] / "metrics.json").write_text(json.dumps(result, indent=2))
-            # Summary numbers only: the per-step series (train/loss ...) were logged during training.
-            run.log_metrics({k: v for k, v in result.items() if "/" not in k and _is_number(v)})
-            log_export(run, paths["export"], cfg.logger)
-            completed_marker.write_text(run.run_id or "")
+
+
+def _log_run_inputs(run, cfg: DictConfig, trainable_parts: dict[str, int]) -> None:
+    """The config, the datasets (a resumed run has them) and the trainable parameter counts."""
+    run.log_config(OmegaConf.to_container(cfg), OmegaConf.to_yaml(cfg))
+    if not run.resumed:
+        data_version = data_hash()
+        data_node = stage_config(cfg.data, cfg.stage.name)
+        for split, context in (("train", "training"), ("val", "validation")):
+            if data_node.get(split):
+                name = f"{cfg.data.get('name', 'data')}/{Path(data_node[split]).stem}"
+                run.log_dataset(data_node[split], name, data_version, context)
+    run.log_metrics({"trainable_parameters": trainable_parts["total"]})
+    run.log_params({"trainable": trainable_parts})  # per part and kind: trainable.experts.lora ...
+
+
+def _join_logs(trainer: L.Trainer, result: dict[str, Any], paths: dict[str, Path]) -> None:
+    """One logs/metrics.csv for the stage, whatever its attempts and however few its steps."""
+    csv_log, earlier_log = _csv_logs(paths)
+    if earlier_log.is_file():
+        join_interrupted_log(earlier_log, csv_log)
+    if not csv_log.is_file():  # fewer steps than trainer.log_every_n_steps: the final values
+        log_final_step(trainer, result)
+
+
+def _export(model, peft_model, tokenizer, image_processor, cfg, settings: StageSettings, paths) -> None:
+    """The stage's export (with its prompt format), as ``export`` and ``lora.export`` say."""
+    record_prompt_format(model.config, settings.data, settings.stage.name)
+    written = {
+        "dtype": export_dtype(settings.export.dtype, cfg.trainer.get("precision")),
+        "max_shard_size": settings.export.max_shard_size,
+    }
+    if peft_model is None:
+        export_stage(model, tokenizer, image_processor, paths["export"], **written)
+    else:
+        export_lora_stage(peft_model, settings.lora, tokenizer, image_processor, paths, **written)
+
+
+def _record_completion(run, result: dict[str, Any], logger_cfg: DictConfig, paths: dict[str, Path]) -> None:
+    """metrics.json, the run's summary and export, then the COMPLETED marker (last: it means done)."""
+    (paths["stage_dir"] / "metrics.json").write_text(json.dumps(result, indent=2))
+    # Summary numbers only: the per-step series (train/loss ...) were logged during training.
+    run.log_metrics({k: v for k, v in result.items() if "/" not in k and _is_number(v)})
+    log_export(run, paths["export"], logger_cfg)
+    (paths["stage_dir"] / COMPLETED).write_text(run.run_id or "")
+
+
+def _warn_unsent(run, paths: dict[str, Path]) -> None:
     if run.unsent:
         log.warning(
             "stage %s is complete in %s (metrics.json, logs/metrics.csv, export/), but MLflow run %s "
             "misses what it could not take: %s",
-            stage,
+            paths["stage_dir"].name,
             paths["stage_dir"],
             run.run_id,
             "; ".join(run.unsent),
         )
-    return result
 
 
 def export_dtype(setting: str | None, precision: Any):
@@ -346,17 +419,21 @@ def log_final_step(trainer: L.Trainer, result: dict[str, Any]) -> None:
 
 
 def build_trainer(
-    cfg: DictConfig, model, paths: dict[str, Path], run_id: str | None, extra_callbacks: list[L.Callback]
+    cfg: DictConfig,
+    stage: StageConfig,
+    model,
+    paths: dict[str, Path],
+    run_id: str | None,
+    extra_callbacks: list[L.Callback],
 ) -> L.Trainer:
     """The Trainer of ``cfg.trainer``, with ``cfg.callbacks`` and ``cfg.logger.loggers``, all instantiated
     from config. The stage supplies its schedule and folders, the run its MLflow run, and the model
     the strategy's wrap policy (:func:`build_strategy`)."""
-    stage = cfg.stage
     strategy = build_strategy(cfg.trainer.get("strategy", "auto"), model)
     at_run_time = {
         "model_checkpoint": {
             "dirpath": str(paths["checkpoints"]),
-            "every_n_train_steps": int(stage.checkpoint_every_n_steps),
+            "every_n_train_steps": stage.checkpoint_every_n_steps,
         },
         "progress_bar": {"enabled": bool(cfg.trainer.enable_progress_bar)},
         # every rank: the MLflow logger builds a client even where it logs nothing
@@ -376,8 +453,8 @@ def build_trainer(
     trainer = instantiate(
         cfg.trainer,
         strategy=strategy,
-        max_epochs=int(stage.epochs),
-        max_steps=int(stage.max_steps),
+        max_epochs=stage.epochs,
+        max_steps=stage.max_steps,
         gradient_clip_val=stage.max_grad_norm or None,
         val_check_interval=stage.val_every_n_steps,
         logger=loggers,

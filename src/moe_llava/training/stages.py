@@ -47,7 +47,7 @@ def group_parameter_names(model: MoELlavaForCausalLM, group: str) -> set[str]:
             prefix = f"language_model.{layer_names[id(layer)]}.{ffn_name}"
             names |= {f"{prefix}.{name}" for name, _ in getattr(layer, ffn_name).named_parameters()}
         return names
-    raise ValueError(f"stage.trainable: unknown group {group!r}; expected some of {TRAINABLE_GROUPS}")
+    raise ConfigError("stage.trainable", f"unknown group {group!r}; expected some of {TRAINABLE_GROUPS}")
 
 
 def configure_trainable(
@@ -63,14 +63,15 @@ def configure_trainable(
         for pattern in patterns:
             matched = {name for name in all_names if re.search(pattern, name)}
             if not matched:
-                raise ValueError(f"train_modules: pattern {pattern!r} matches no parameter")
+                raise ConfigError("train_modules", f"pattern {pattern!r} matches no parameter")
             trainable |= matched
     else:
         trainable = (
             set().union(*(group_parameter_names(model, group) for group in groups)) if groups else set()
         )
     if not trainable:
-        raise ValueError("stage.trainable / train_modules select no parameter: nothing would train")
+        key = "train_modules" if patterns else "stage.trainable"
+        raise ConfigError(key, "selects no parameter: nothing would train")
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     return sorted(trainable)

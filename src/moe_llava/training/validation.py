@@ -1,10 +1,12 @@
 """Check a composed stage config before any work starts; every error names the offending key.
 
-The ``stage`` and ``moe`` nodes are structured configs: the dataclasses below are merged under the
-composed values, so OmegaConf rejects a wrong type, a missing or an unknown key (naming it), and
-each field's :func:`rule` states its range. Names other code owns are asked of it, not copied:
-precisions, strategies and accelerators from Lightning, backbones from transformers, layer modes
-and trainable groups from this package. The same check runs on the standalone ``params/<stage>.yaml``
+The ``stage``, ``moe``, ``lora``, ``data`` and ``export`` nodes are
+:class:`~moe_llava.schema.ConfigSection` models: a wrong type, a missing or an unknown key, or a
+value out of range is a :class:`~moe_llava.errors.ConfigError` naming its key, and the checked
+values come back typed (:class:`StageSettings`) for the stage to run on. Names other code owns
+are asked of it, not copied: strategies and accelerators from Lightning, backbones from
+transformers, layer modes and trainable groups from this package (precisions are a literal that
+a test compares with Lightning's). The same check runs on the standalone ``params/<stage>.yaml``
 files of the DVC pipeline, which is why it does not depend on conf/'s defaults lists.
 """
 
@@ -14,12 +16,12 @@ import importlib.util
 import re
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from pydantic import Field, field_validator, model_validator
 
 from moe_llava.data.images import ASPECT_MODES
 from moe_llava.data.templates import TEMPLATES
@@ -30,11 +32,22 @@ from moe_llava.model.checkpoint import ADAPTER_CONFIG, ADAPTERS_ONLY
 from moe_llava.model.lora import QUANTIZE_MODES
 from moe_llava.model.moe import EXPERT_PATHS
 from moe_llava.model.upcycle import LAYER_MODES
+from moe_llava.schema import ConfigSection
 from moe_llava.training.stages import STAGES, TRAINABLE_GROUPS, previous_stage
 
 LR_SCALE_PARTS = ("vision_tower", "projector", "language_model")
 LORA_EXPORTS = ("merged", "adapter")
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # export.dtype (auto: the training precision)
+# trainer.precision: what Lightning's Trainer accepts (tests/training/test_validation.py compares)
+PRECISION = Literal[
+    64, 32, 16, "64", "32", "16", "bf16", "transformer-engine", "transformer-engine-float16",
+    "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true",
+]  # fmt: skip
+PRECISIONS = tuple(str(value) for value in typing.get_args(PRECISION))
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -42,97 +55,64 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-RULES = {  # field metadata -> (test, wording)
-    "gt": (lambda value, bound: value > bound, "> {}"),
-    "ge": (lambda value, bound: value >= bound, ">= {}"),
-    "lt": (lambda value, bound: value < bound, "< {}"),
-    "le": (lambda value, bound: value <= bound, "<= {}"),
-    "one_of": (lambda value, choices: value in choices, "one of {}"),
-}
+class StageConfig(ConfigSection):
+    """``conf/stage/*.yaml`` (after the experiment's ``stage_preset``)."""
 
-
-def rule(default: Any = MISSING, **checks: Any):
-    """A schema field whose value (when not null) must pass ``checks``: gt=0, ge=0, lt=1, one_of=(...)."""
-    return field(default=default, metadata=checks)
-
-
-class Schema:
-    """A structured config whose fields carry :func:`rule` checks; errors name ``<section>.<field>``."""
-
-    section = ""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            for name, bound in f.metadata.items():
-                test, wording = RULES[name]
-                key = f"{self.section}.{f.name}"
-                _check(
-                    value is None or test(value, bound),
-                    key,
-                    f"must be {wording.format(bound)}, got {value!r}",
-                )
-        self.check()
-
-    def check(self) -> None:
-        """Checks across fields."""
-
-
-@dataclass
-class StageConfig(Schema):
-    """Schema of ``conf/stage/*.yaml`` (after the experiment's ``stage_preset``)."""
-
-    section = "stage"
-    name: str = rule(one_of=STAGES)
+    KEY: ClassVar[str] = "stage"
+    name: Literal[STAGES]
     trainable: list[str]  # the groups of TRAINABLE_GROUPS, unless train_modules is set
     upcycle: bool
-    lr: float = rule(gt=0)
-    global_batch_size: int = rule(gt=0)
-    micro_batch_size: int = rule(gt=0)
+    lr: Positive
+    global_batch_size: Annotated[int, Field(gt=0)]
+    micro_batch_size: Annotated[int, Field(gt=0)]
     epochs: int
     max_steps: int
-    warmup_ratio: float = rule(ge=0, lt=1)
-    weight_decay: float = rule(ge=0)
+    warmup_ratio: Fraction
+    weight_decay: NonNegative
     lr_scale: dict[str, float] | None  # per-part lr multipliers
     max_grad_norm: float | None
     gradient_checkpointing: bool
-    checkpoint_every_n_steps: int = rule(ge=1)
+    checkpoint_every_n_steps: Annotated[int, Field(ge=1)]
     val_every_n_steps: int | None
 
-    def check(self) -> None:
-        for part, scale in (self.lr_scale or {}).items():
+    @field_validator("lr_scale")
+    @classmethod
+    def _known_parts(cls, lr_scale: dict[str, float] | None) -> dict[str, float] | None:
+        for part, scale in (lr_scale or {}).items():
             key = f"stage.lr_scale.{part}"
             _check(part in LR_SCALE_PARTS, key, f"unknown part; expected one of {LR_SCALE_PARTS}")
             _check(scale > 0, key, f"must be a number > 0, got {scale!r}")
+        return lr_scale
+
+    @model_validator(mode="after")
+    def _trains_at_all(self) -> StageConfig:
         _check(
             self.epochs >= 1 or self.max_steps > 0,
             "stage.epochs",
             "must be >= 1 (or set stage.max_steps > 0)",
         )
+        return self
 
 
-@dataclass
-class MoEConfig(Schema):
-    """Schema of ``conf/moe/*.yaml``: the upcycling layout and the loss coefficients."""
+class MoEConfig(ConfigSection):
+    """``conf/moe/*.yaml``: the upcycling layout and the loss coefficients."""
 
-    section = "moe"
-    num_experts: int = rule(ge=2)
-    top_k: int = rule(ge=1)
-    layers: Any  # a mode of LAYER_MODES or a list of layer indices
-    capacity_factor: float | None = rule(gt=0)  # null: dropless
-    eval_capacity_factor: float | None = rule(gt=0)
-    min_capacity: int = rule(ge=0)
+    KEY: ClassVar[str] = "moe"
+    num_experts: Annotated[int, Field(ge=2)]
+    top_k: Annotated[int, Field(ge=1)]
+    layers: str | list[int]  # a mode of LAYER_MODES or a list of layer indices
+    capacity_factor: Positive | None  # null: dropless
+    eval_capacity_factor: Positive | None
+    min_capacity: Annotated[int, Field(ge=0)]
     second_expert_noise: bool
     count_padding: bool
-    router_aux_loss_coef: float = rule(ge=0)
-    router_z_loss_coef: float = rule(ge=0)
-    expert_path: str = rule(one_of=EXPERT_PATHS)  # how the experts run (moe_llava.model.moe.block)
+    router_aux_loss_coef: NonNegative
+    router_z_loss_coef: NonNegative
+    expert_path: Literal[EXPERT_PATHS]  # how the experts run (moe_llava.model.moe.block)
 
-    def check(self) -> None:
-        experts, layers = self.num_experts, self.layers
-        _check(
-            self.top_k <= experts, "moe.top_k", f"must be in [1, moe.num_experts={experts}], got {self.top_k}"
-        )
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _mode_or_indices(cls, layers: Any) -> Any:
         if isinstance(layers, str):
             _check(
                 layers in LAYER_MODES,
@@ -140,45 +120,194 @@ class MoEConfig(Schema):
                 f"unknown mode {layers!r}; expected {LAYER_MODES} or indices",
             )
         else:
-            ok = bool(layers) and all(isinstance(i, int) for i in layers)
+            ok = isinstance(layers, list) and bool(layers) and all(isinstance(i, int) for i in layers)
             _check(ok, "moe.layers", f"expected a mode or a non-empty list of integers, got {layers!r}")
+        return layers
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> MoEConfig:
+        experts = self.num_experts
+        _check(
+            self.top_k <= experts, "moe.top_k", f"must be in [1, moe.num_experts={experts}], got {self.top_k}"
+        )
+        return self
 
 
-@dataclass
-class LoraConfig(Schema):
-    """Schema of ``conf/lora/*.yaml``: LoRA adapters (:mod:`moe_llava.model.lora`) instead of full training."""
+class LoraConfig(ConfigSection):
+    """``conf/lora/*.yaml``: LoRA adapters (:mod:`moe_llava.model.lora`) instead of full training."""
 
-    section = "lora"
+    KEY: ClassVar[str] = "lora"
     enabled: bool = False
-    r: int = rule(16, ge=1)  # the rank
-    alpha: float = rule(32.0, gt=0)
-    dropout: float = rule(0.05, ge=0, lt=1)
-    target_modules: list[str] = field(default_factory=list)  # regexes over module names
-    full_modules: list[str] = field(default_factory=list)  # trained fully beside the adapters
-    export: str = rule("merged", one_of=LORA_EXPORTS)
-    quantize: str | None = rule(None, one_of=QUANTIZE_MODES)  # QLoRA (CUDA only)
+    r: Annotated[int, Field(ge=1)] = 16  # the rank
+    alpha: Positive = 32.0
+    dropout: Fraction = 0.05
+    target_modules: list[str] = []  # regexes over module names
+    full_modules: list[str] = []  # trained fully beside the adapters
+    export: Literal[LORA_EXPORTS] = "merged"
+    quantize: Literal[QUANTIZE_MODES] | None = None  # QLoRA (CUDA only)
 
-    def check(self) -> None:
-        for name in ("target_modules", "full_modules"):
-            for i, pattern in enumerate(getattr(self, name)):
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ConfigError(f"lora.{name}[{i}]", f"not a regex ({err}): {pattern!r}") from None
+    @field_validator("target_modules", "full_modules")
+    @classmethod
+    def _regexes(cls, patterns: list[str], info) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(
+                    f"lora.{info.field_name}[{i}]", f"not a regex ({err}): {pattern!r}"
+                ) from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _targets_some(self) -> LoraConfig:
         if self.enabled:
             _check(bool(self.target_modules), "lora.target_modules", "is empty: no module would get adapters")
+        return self
 
 
-def check_quantize(cfg: Mapping, at_run_time: bool) -> None:
-    """QLoRA needs a CUDA GPU and bitsandbytes: refuse before any model loads."""
-    lora = cfg.get("lora") or {}
-    if not (lora.get("enabled") and lora.get("quantize")):
-        return
-    accelerator = cfg["trainer"].get("accelerator")
+class ExportConfig(ConfigSection):
+    """``export``: how a stage's export is written."""
+
+    KEY: ClassVar[str] = "export"
+    dtype: Literal[EXPORT_DTYPES] = "auto"
+    max_shard_size: int | str = "5GB"
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _size(cls, shard: Any) -> Any:
+        ok = (isinstance(shard, int) and not isinstance(shard, bool) and shard > 0) or (
+            isinstance(shard, str) and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", shard) is not None
+        )
+        if not ok:
+            raise ValueError(f"expected a byte count or a size such as 5GB, got {shard!r}")
+        return shard
+
+
+def _check_prompt(key: str, template: Any, aspect: Any) -> None:
     _check(
-        accelerator != "cpu",
+        template is None or template in TEMPLATES,
+        f"{key}.template",
+        f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}",
+    )
+    _check(
+        aspect is None or aspect in ASPECT_MODES,
+        f"{key}.image_aspect",
+        f"must be one of {ASPECT_MODES}, got {aspect!r}",
+    )
+
+
+class DataValidationConfig(ConfigSection):
+    """``data.validation``: how data preparation checks records."""
+
+    KEY: ClassVar[str] = "data.validation"
+    image_check: Literal[IMAGE_CHECKS] = "full"
+    max_rejected_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
+    workers: Annotated[int, Field(ge=1)] = 1
+
+
+class DataStageConfig(ConfigSection):
+    """``data.stages.<stage>``: a stage's manifests and prompt format."""
+
+    KEY: ClassVar[str] = "data.stages"
+    template: str
+    image_aspect: str = "pad"
+    train: str | None = None
+    val: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, template: str) -> str:
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+        return template
+
+    @field_validator("image_aspect")
+    @classmethod
+    def _known_aspect(cls, aspect: str) -> str:
+        if aspect not in ASPECT_MODES:
+            raise ValueError(f"must be one of {ASPECT_MODES}, got {aspect!r}")
+        return aspect
+
+
+class DataConfig(ConfigSection):
+    """``conf/data/*.yaml``: an unknown key (a typo) or an impossible value names its key."""
+
+    KEY: ClassVar[str] = "data"
+    name: str
+    root: str
+    stages: dict[str, DataStageConfig]
+    image_folder: str | None = None
+    tokenizer: str | None = None
+    max_length: Annotated[int, Field(gt=0)] | None = None
+    overlength: Literal[OVERLENGTH_POLICIES] = "reject"
+    leading_gpt: Literal[LEADING_GPT_POLICIES] = "reject"
+    pad_color: list[int] | None = None
+    max_image_pixels: Annotated[int, Field(gt=0)] = 40_000_000
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    validation: DataValidationConfig = DataValidationConfig()
+    eval: Any = None  # benchmark files: checked by the evaluation before the model loads
+    generator: Any = None  # ShapesWorld generator settings (its own dataclass checks them)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _each_stage(cls, stages: Any) -> Any:
+        if not isinstance(stages, Mapping):
+            return stages  # pydantic names the wrong type
+        checked = {}
+        for name, node in stages.items():
+            try:
+                checked[name] = DataStageConfig.of(node)
+            except ConfigError as err:  # a section knows its key, not the stage it is under
+                key = f"data.stages.{name}{err.key.removeprefix(DataStageConfig.KEY)}"
+                raise ConfigError(key, str(err).removeprefix(f"{err.key}: ")) from None
+        return checked
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_prompt(cls, node: Any) -> Any:
+        if isinstance(node, Mapping):
+            _check_prompt("data.eval", node.get("template"), node.get("image_aspect"))
+        return node
+
+    @field_validator("pad_color", mode="before")
+    @classmethod
+    def _rgb(cls, color: Any) -> Any:
+        ok = color is None or (
+            isinstance(color, list)
+            and len(color) == 3
+            and all(isinstance(c, int) and 0 <= c <= 255 for c in color)
+        )
+        if not ok:
+            raise ValueError(f"must be null or three 0-255 integers, got {color!r}")
+        return color
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """A stage config's checked sections, typed: what the stage reads its values from."""
+
+    seed: int
+    stage: StageConfig
+    moe: MoEConfig
+    lora: LoraConfig
+    data: DataConfig
+    export: ExportConfig
+
+
+def section(schema: type[ConfigSection], node: Any) -> ConfigSection:
+    """``node`` (a config node, resolved: interpolations refer to the root) checked into ``schema``."""
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return schema.of(values)
+
+
+def check_quantize(cfg: Mapping, lora: LoraConfig, at_run_time: bool) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes: refuse before any model loads."""
+    if not (lora.enabled and lora.quantize):
+        return
+    _check(
+        cfg["trainer"].get("accelerator") != "cpu",
         "lora.quantize",
-        f"{lora['quantize']} (QLoRA) needs a CUDA GPU, but trainer.accelerator is cpu: set lora.quantize=null",
+        f"{lora.quantize} (QLoRA) needs a CUDA GPU, but trainer.accelerator is cpu: set lora.quantize=null",
     )
     if not at_run_time:
         return
@@ -187,86 +316,13 @@ def check_quantize(cfg: Mapping, at_run_time: bool) -> None:
     _check(
         torch.cuda.is_available(),
         "lora.quantize",
-        f"{lora['quantize']} (QLoRA) needs a CUDA GPU and this machine has none: set lora.quantize=null",
+        f"{lora.quantize} (QLoRA) needs a CUDA GPU and this machine has none: set lora.quantize=null",
     )
     _check(
         importlib.util.find_spec("bitsandbytes") is not None,
         "lora.quantize",
-        f"{lora['quantize']} (QLoRA) needs bitsandbytes: pip install 'moe-tuning[qlora]'",
+        f"{lora.quantize} (QLoRA) needs bitsandbytes: pip install 'moe-tuning[qlora]'",
     )
-
-
-@dataclass
-class DataValidationConfig(Schema):
-    """``data.validation``: how data preparation checks records."""
-
-    section = "data.validation"
-    image_check: str = rule("full", one_of=IMAGE_CHECKS)
-    max_rejected_fraction: float = rule(0.05, ge=0, le=1)
-    workers: int = rule(1, ge=1)
-
-
-@dataclass
-class DataStageConfig:
-    """``data.stages.<stage>``: a stage's manifests and prompt format (values checked by DataConfig)."""
-
-    template: str
-    image_aspect: str = "pad"
-    train: str | None = None
-    val: str | None = None
-
-
-@dataclass
-class DataConfig(Schema):
-    """Schema of ``conf/data/*.yaml``: an unknown key (a typo) or an impossible value names its key."""
-
-    section = "data"
-    name: str
-    root: str
-    stages: dict[str, DataStageConfig]
-    image_folder: str | None = None
-    tokenizer: str | None = None
-    max_length: int | None = rule(None, gt=0)
-    overlength: str = rule("reject", one_of=OVERLENGTH_POLICIES)
-    leading_gpt: str = rule("reject", one_of=LEADING_GPT_POLICIES)
-    pad_color: list[int] | None = None
-    max_image_pixels: int = rule(40_000_000, gt=0)
-    num_workers: int = rule(0, ge=0)
-    validation: DataValidationConfig = field(default_factory=DataValidationConfig)
-    eval: Any = None  # benchmark files: checked by the evaluation before the model loads
-    generator: Any = None  # ShapesWorld generator settings (its own dataclass checks them)
-
-    def check(self) -> None:
-        prompts = [(f"data.stages.{name}", vars(stage)) for name, stage in self.stages.items()]
-        if isinstance(self.eval, Mapping):
-            prompts.append(("data.eval", self.eval))
-        for key, node in prompts:
-            template, aspect = node.get("template"), node.get("image_aspect")
-            _check(
-                template is None or template in TEMPLATES,
-                f"{key}.template",
-                f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}",
-            )
-            _check(
-                aspect is None or aspect in ASPECT_MODES,
-                f"{key}.image_aspect",
-                f"must be one of {ASPECT_MODES}, got {aspect!r}",
-            )
-        color = self.pad_color
-        _check(
-            color is None or (len(color) == 3 and all(0 <= c <= 255 for c in color)),
-            "data.pad_color",
-            f"must be null or three 0-255 integers, got {color!r}",
-        )
-
-
-def structured(schema: type, node: Any, key: str):
-    """``node`` as an instance of the dataclass ``schema``; errors name ``<key>.<field>``."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
-    except OmegaConfBaseException as err:
-        full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
-        raise ConfigError(full_key, str(err).split("\n")[0]) from None
 
 
 def world_size(trainer_cfg: Mapping) -> int | None:
@@ -280,8 +336,8 @@ def world_size(trainer_cfg: Mapping) -> int | None:
     return None
 
 
-def accumulation_steps(stage_cfg: Mapping, world: int) -> int:
-    micro, global_batch = int(stage_cfg["micro_batch_size"]), int(stage_cfg["global_batch_size"])
+def accumulation_steps(stage: StageConfig, world: int) -> int:
+    micro, global_batch = stage.micro_batch_size, stage.global_batch_size
     per_step = micro * world
     if global_batch % per_step:
         raise ConfigError(
@@ -291,7 +347,9 @@ def accumulation_steps(stage_cfg: Mapping, world: int) -> int:
     return global_batch // per_step
 
 
-def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool = True) -> None:
+def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool = True) -> StageSettings:
+    """Check ``cfg`` (``check_paths``: also the files and folders it names, and this machine for
+    QLoRA); returns its sections typed."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     if cfg.get("stage_overrides"):  # the old preset mechanism: say so rather than ignore the values
         raise ConfigError(
@@ -299,7 +357,7 @@ def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool
             "removed: an experiment's per-stage values are conf/stage_preset/<experiment>/<stage>.yaml, "
             "and stage.<key>=... on the command line wins over them",
         )
-    stage = structured(StageConfig, cfg.stage, "stage")
+    stage = section(StageConfig, cfg.stage)
     if not cfg.get("train_modules"):
         groups = stage.trainable
         _check(
@@ -309,12 +367,18 @@ def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool
         )
     world = world_size(cfg.trainer)
     if world is not None:
-        accumulation_steps(cfg.stage, world)
-    structured(MoEConfig, cfg.moe, "moe")
-    structured(LoraConfig, cfg.get("lora") or {}, "lora")
-    check_quantize(cfg, at_run_time=check_paths)
-    # resolved first: the data group's interpolations (${data.root}/...) refer to the root config
-    structured(DataConfig, OmegaConf.to_container(cfg.data, resolve=True), "data")
+        accumulation_steps(stage, world)
+    seed = cfg.get("seed", 0)
+    _check(isinstance(seed, int) and not isinstance(seed, bool), "seed", f"expected an integer, got {seed!r}")
+    settings = StageSettings(
+        seed=seed,
+        stage=stage,
+        moe=section(MoEConfig, cfg.moe),
+        lora=section(LoraConfig, cfg.get("lora")),
+        data=section(DataConfig, cfg.data),
+        export=section(ExportConfig, cfg.get("export")),
+    )
+    check_quantize(cfg, settings.lora, at_run_time=check_paths)
     _validate_model(cfg.model)
     _validate_trainer(cfg.trainer)
     _check(
@@ -322,18 +386,9 @@ def validate_stage_config(cfg: Mapping[str, Any] | DictConfig, check_paths: bool
         "resume",
         f"expected auto or never, got {cfg.get('resume')!r}",
     )
-    export = cfg.get("export") or {}
-    dtype = str(export.get("dtype", "auto"))
-    _check(dtype in EXPORT_DTYPES, "export.dtype", f"expected one of {EXPORT_DTYPES}, got {dtype!r}")
-    shard = export.get("max_shard_size", "5GB")
-    _check(
-        (isinstance(shard, int) and not isinstance(shard, bool) and shard > 0)
-        or (isinstance(shard, str) and re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", shard) is not None),
-        "export.max_shard_size",
-        f"expected a byte count or a size such as 5GB, got {shard!r}",
-    )
     if check_paths:
         _validate_paths(cfg, stage.name)
+    return settings
 
 
 def _validate_model(model: Mapping) -> None:
@@ -360,23 +415,16 @@ def _validate_model(model: Mapping) -> None:
         )
 
 
-def _literal_values(tp: Any) -> set[str]:
-    args = typing.get_args(tp)
-    return {str(a) for arg in args for a in (_literal_values(arg) or {arg})} if args else set()
-
-
 def _validate_trainer(trainer: Mapping) -> None:
-    """The names Lightning accepts, from Lightning (its registries and its precision type)."""
+    """The names Lightning accepts: strategies and accelerators from its registries."""
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
-    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
 
-    precisions = _literal_values(_PRECISION_INPUT)
     precision = str(trainer.get("precision", "32-true"))
     _check(
-        precision in precisions,
+        precision in PRECISIONS,
         "trainer.precision",
-        f"expected one of {sorted(precisions)}, got {precision!r}",
+        f"expected one of {sorted(set(PRECISIONS))}, got {precision!r}",
     )
     strategy = trainer.get("strategy", "auto")
     if isinstance(strategy, str):
