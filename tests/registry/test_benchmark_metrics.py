@@ -95,3 +95,34 @@ def test_register_merges_several_metrics_files_later_ones_winning(tmp_path, monk
         == 2
     )
     assert "none.json does not exist" in capsys.readouterr().err
+
+
+def test_a_benchmark_of_a_registry_uri_logs_its_metrics_on_the_versions_model(
+    tracking_uri, logged_model, model_name, tmp_path
+):
+    """`moe-llava eval benchmark --model models:/NAME@champion`'s tracking (lmms-eval itself not needed):
+    the benchmark run's metrics are logged once, on the run and on the version's logged model."""
+    from mlflow.tracking import MlflowClient
+
+    from moe_llava.registry.registry import ModelRegistry
+
+    registry = ModelRegistry(model_name, tracking_uri=tracking_uri)
+    version = registry.register(new_model(logged_model)["model_uri"], {"pope/mean_f1": 0.8}).version
+    out = tmp_path / "bench"
+    (out / "lmms").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    (out / "table.txt").write_text("table\n")
+    metrics = {"lmms/shapesworld_pope_random/f1": 0.65}
+    run_id, registered = bench._track(
+        f"models:/{model_name}@champion", ["shapesworld_pope_random"], metrics, out, tracking_uri,
+        "benchmarks", {"lmms_eval_version": "0"}, None,
+    )  # fmt: skip
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    mv = client.get_model_version(model_name, version)
+    assert registered == version and mv.tags["benchmark.run_id"] == run_id
+    assert client.get_run(run_id).data.metrics == metrics
+    logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert [(m.key, m.run_id) for m in logged.metrics if m.key.startswith("lmms/")] == [
+        ("lmms/shapesworld_pope_random/f1", run_id)
+    ]
+    assert registry.version_metrics(version) == {"pope/mean_f1": 0.8, **metrics}
