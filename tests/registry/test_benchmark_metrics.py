@@ -49,7 +49,7 @@ def test_a_version_registered_with_metric_tags_still_compares(tracking_uri, logg
     from moe_llava.registry.registry import ModelRegistry
 
     registry = ModelRegistry(model_name, tracking_uri=tracking_uri)
-    registry._ensure_registered_model()
+    registry.client.create_registered_model(model_name)
     old = registry.client.create_model_version(
         model_name, source=logged_model["model_uri"], tags={"metrics": json.dumps({"pope/mean_f1": 0.7})}
     )
