@@ -255,3 +255,37 @@ def test_a_real_recipe_evaluates_what_is_configured_and_hints_work_in_hydra(tmp_
     ]
     with pytest.raises(ConfigCompositionException):
         compose_config([*recipe, f"data.eval.vqa.test={vqa}"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"batch_size": 0}, "evaluation.batch_size: must be a positive integer, got 0"),
+        ({"max_new_tokens": True}, "evaluation.max_new_tokens: must be a positive integer, got True"),
+        ({"limit": -1}, "evaluation.limit: must be a positive integer or null, got -1"),
+        (
+            {"dtype": "int8"},
+            "evaluation.dtype: must be one of ['float32', 'bfloat16', 'float16'], got 'int8'",
+        ),
+        ({"device": "tpu:x"}, "evaluation.device: must be auto, cpu, cuda or cuda:N, got 'tpu:x'"),
+        ({"benchmarks": []}, "evaluation.benchmarks: must be null (every benchmark with a question file)"),
+        ({"pope_splits": 3}, "evaluation.pope_splits: must be a list of names or null, got 3"),
+        ({"batch_sise": 4}, "evaluation: unknown keys ['batch_sise']"),
+    ],
+)
+def test_evaluation_config_errors_name_the_key(values, message):
+    from moe_llava.evaluation.runner import EvalConfig
+
+    with pytest.raises(ConfigError) as err:
+        EvalConfig.of(values)
+    assert str(err.value).startswith(message)
+
+
+def test_evaluation_config_defaults_are_the_config_group():
+    from moe_llava.evaluation.runner import EvalConfig
+    from moe_llava.paths import CONF_DIR
+
+    group = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "evaluation" / "default.yaml"))
+    assert EvalConfig.of(group) == EvalConfig() and EvalConfig.of({"benchmarks": "pope"}).benchmarks == [
+        "pope"
+    ]

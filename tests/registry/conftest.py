@@ -2,7 +2,8 @@
 
 Everything heavy is built once per session: the export (weights scrambled so that answers depend
 on the image), the direct :class:`Answerer` on it, the tracking store and a logged pyfunc model
-from which any number of registry versions are created (same weights, different metrics).
+from which any number of registry versions are created (same weights, different metrics: each
+version gets a logged model of its own, :func:`new_model`, since a version's metrics are its model's).
 Each test registers under its own model name, so tests do not see each other's versions.
 """
 
@@ -99,6 +100,17 @@ def logged_model(tracking_uri, tiny_export):
     with mlflow.start_run(experiment_id=experiment.experiment_id, run_name="logged-model") as run:
         info = log_pyfunc_model(tiny_export, pyfunc_config={"max_new_tokens": MAX_NEW_TOKENS, **LIMITS})
     return {"model_uri": info.model_uri, "run_id": run.info.run_id, "model_id": info.model_id}
+
+
+def new_model(logged_model, tracking_uri: str | None = None) -> dict[str, str]:
+    """A logged model of its own for one version (a version's metrics are its logged model's) on the
+    run of ``logged_model``, without files (the gate and the aliases never load them)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(logged_model["run_id"])
+    model = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run.info.run_id)
+    return {"model_uri": f"models:/{model.model_id}", "run_id": run.info.run_id, "model_id": model.model_id}
 
 
 @pytest.fixture

@@ -81,9 +81,13 @@ def test_register_promote_rollback_show_from_the_command_line(
     assert len(mv.tags["git_commit"]) == 40 and mv.tags["data_hash"]
     lock = hashlib.sha256(Path("requirements.lock").read_bytes()).hexdigest()  # the repository's lock
     assert mv.tags["lock_hash"] == lock
-    assert mv.tags["config"] == config.read_text()
-    assert json.loads(mv.tags["metrics"])["pope/random/f1"] == 0.74
+    # the tags a person reads: from the config, and the export's MoE layout (a stage-2 export: dense)
+    assert (mv.tags["stage"], mv.tags["recipe"], mv.tags["moe"]) == ("stage3", "registry-cli", "dense")
+    assert "config" not in mv.tags and not [k for k in mv.tags if k.startswith("metric")]
+    logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert {m.key: m.value for m in logged.metrics}["pope/random/f1"] == 0.74
     run = client.get_run(mv.run_id)
+    assert mlflow.artifacts.load_text(f"runs:/{mv.run_id}/registry/config.yaml") == config.read_text()
     assert run.info.run_name == "register" and run.info.status == "FINISHED"
     assert run.data.metrics["pope/mean_f1"] == 0.71 and run.data.tags["registered_version"] == "1"
     assert run.data.tags["lock_hash"] == lock and run.data.tags["git_commit"] == mv.tags["git_commit"]

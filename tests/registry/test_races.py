@@ -22,6 +22,7 @@ from moe_llava.registry.registry import (
     LOCK_SUFFIX,
     ModelRegistry,
 )
+from tests.registry.conftest import new_model
 
 F1 = "pope/mean_f1"
 # Per process, per round: interleaved so that most registrations are judged against a champion the
@@ -37,7 +38,8 @@ def _race(uri, model_name, logged_model, worker, barrier, results) -> None:
         barrier.wait(timeout=120)
         registered = []
         for f1 in SCORES[worker]:
-            result = registry.register(logged_model["model_uri"], {F1: f1}, run_id=logged_model["run_id"])
+            model = new_model(logged_model, uri)
+            result = registry.register(model["model_uri"], {F1: f1}, run_id=model["run_id"])
             registered.append((result.version, f1, result.decision.promote))
         barrier.wait(timeout=120)
         promoted = [registry.promote("1", f"racer {worker}")["changed"] for _ in range(2)]
@@ -106,8 +108,8 @@ def test_racing_registrations_and_promotions_leave_one_consistent_champion(
 
 def test_a_held_lock_makes_others_wait_then_fail_naming_the_holder(make_registry, logged_model):
     registry = make_registry()
-    first = registry.register(logged_model["model_uri"], {F1: 0.5}, run_id=logged_model["run_id"])
-    second = registry.register(logged_model["model_uri"], {F1: 0.4}, run_id=logged_model["run_id"])
+    first = registry.register(new_model(logged_model)["model_uri"], {F1: 0.5})
+    second = registry.register(new_model(logged_model)["model_uri"], {F1: 0.4})
     other = ModelRegistry(registry.model_name, tracking_uri=registry.client.tracking_uri, lock_wait_s=0.5)
     with registry.locked():
         with pytest.raises(RegistryBusy, match=rf"lock '{registry.model_name}\.lock' is held by .* pid \d+"):

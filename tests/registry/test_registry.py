@@ -11,7 +11,7 @@ import json
 import pytest
 
 from moe_llava.registry.registry import ALIAS_HISTORY_TAG, CHALLENGER, CHAMPION, HISTORY_TAG
-from tests.registry.conftest import ChampionWatch, aliases_of
+from tests.registry.conftest import ChampionWatch, aliases_of, new_model
 
 F1 = "pope/mean_f1"
 
@@ -19,12 +19,13 @@ F1 = "pope/mean_f1"
 def _register(watch: ChampionWatch, logged_model, f1: float | None, **extra):
     metrics = {} if f1 is None else {F1: f1}
     metrics.update(extra)
+    model = new_model(logged_model)
     return watch(
         "register",
-        logged_model["model_uri"],
+        model["model_uri"],
         metrics,
-        run_id=logged_model["run_id"],
-        tags={"git_commit": "abc123", "data_hash": "d41d8", "config": "stage:\n  name: stage3\n"},
+        run_id=model["run_id"],
+        tags={"git_commit": "abc123", "data_hash": "d41d8", "stage": "stage3"},
     )
 
 
@@ -64,7 +65,7 @@ def test_gate_min_margin_direction_and_metric_are_configurable(make_registry, lo
     assert registry.champion_history() == [first.version, beyond.version]
 
 
-def test_version_tags_metrics_commit_config_and_alias_history(make_registry, logged_model):
+def test_version_metrics_on_its_logged_model_few_tags_and_alias_history(make_registry, logged_model):
     registry = make_registry()
     watch = ChampionWatch(registry)
     first = _register(
@@ -77,19 +78,18 @@ def test_version_tags_metrics_commit_config_and_alias_history(make_registry, log
 
     mv = registry.client.get_model_version(registry.model_name, first.version)
     tags = mv.tags
-    assert json.loads(tags["metrics"]) == {
-        F1: 0.70,
-        "pope/random/f1": 0.71,
-        "eval/wall_time_s": 3.5,
-        "moe/layer0/expert1_load": 0.25,
-    }
-    assert float(tags["metric.pope/mean_f1"]) == 0.70 and float(tags["metric.eval/wall_time_s"]) == 3.5
-    assert "metric.moe/layer0/expert1_load" not in tags  # routing detail: in the JSON tag only
-    assert tags["git_commit"] == "abc123" and tags["data_hash"] == "d41d8"
-    assert tags["config"].startswith("stage:")
-    assert tags["gate.metric"] == F1 and tags["gate.decision"] == "champion"
+    metrics = {F1: 0.70, "pope/random/f1": 0.71, "eval/wall_time_s": 3.5, "moe/layer0/expert1_load": 0.25}
+    # metrics are the logged model's (and the run's), every one, routing detail included
+    assert registry.version_metrics(first.version) == metrics
+    logged = registry.client.get_logged_model(mv.source.removeprefix("models:/"))
+    assert {m.key: m.value for m in logged.metrics} == metrics
+    assert registry.client.get_run(mv.run_id).data.metrics[F1] in (0.70, 0.80)  # the run holds both versions'
+    # the version keeps the tags a person reads: no metric.* or metrics tag, no config
+    assert not [k for k in tags if k.startswith("metric")] and "config" not in tags
+    assert tags["git_commit"] == "abc123" and tags["data_hash"] == "d41d8" and tags["stage"] == "stage3"
+    assert tags["gate.decision"] == "champion" and tags["gate.reason"].startswith("no champion yet")
     assert mv.run_id == logged_model["run_id"]
-    assert mv.source == logged_model["model_uri"]
+    assert mv.source.removeprefix("models:/") == logged.model_id != logged_model["model_id"]
 
     events = json.loads(tags[ALIAS_HISTORY_TAG])
     assert [(e["alias"], e["action"]) for e in events] == [

@@ -393,8 +393,8 @@ def run_benchmark(
 
 
 def _track(model, names, metrics, out: Path, uri, experiment_name, results, limit):
-    """The ``benchmark`` MLflow run (metrics, params, the output folder as artifacts ``lmms/``), and
-    the registered version's tags when ``model`` is a registry URI."""
+    """The ``benchmark`` MLflow run (metrics, params, the output folder as artifacts ``lmms/``); when
+    ``model`` is a registry URI, the metrics go on the version's logged model too, with tags."""
     from mlflow.tracking import MlflowClient
 
     from moe_llava.registry.registry import ModelRegistry
@@ -423,13 +423,17 @@ def _track(model, names, metrics, out: Path, uri, experiment_name, results, limi
     )
     with run:
         run.log_params({"tasks": names, "limit": limit, "model": model})
-        run.log_metrics(metrics)
+        if registered:  # the run's metrics are the version's too: logged on its model through this run
+            registered_model, version = registered
+            ModelRegistry(registered_model, tracking_uri=uri).add_metrics(
+                version,
+                metrics,
+                run_id=run.run_id,
+                tags={"benchmark.run_id": run.run_id, "benchmark.tasks": ",".join(names)},
+            )
+        else:
+            run.log_metrics(metrics)
         for name in ("metrics.json", "table.txt"):
             shutil.copy(out / name, out / "lmms" / name)
         run.log_artifacts(out / "lmms", METRIC_PREFIX)
-    if registered:
-        name, version = registered
-        ModelRegistry(name, tracking_uri=uri).add_metrics(
-            version, metrics, tags={"benchmark.run_id": run.run_id, "benchmark.tasks": ",".join(names)}
-        )
     return run.run_id, registered[1] if registered else None

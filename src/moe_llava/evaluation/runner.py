@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pydantic import BeforeValidator, field_validator
 
 from moe_llava.errors import ConfigError, DataError, EvalFileError
 from moe_llava.evaluation.benchmarks import BENCHMARKS, Benchmark, PopeBenchmark
 from moe_llava.evaluation.expert_load import ExpertLoadRecorder, expert_load_metrics, plot_expert_load
 from moe_llava.evaluation.files import Question, write_json, write_jsonl
+from moe_llava.schema import ConfigSection
 from moe_llava.tracking import RUN_ID_FILE, TrackedRun
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ---------------------------------------------------------------------- configuration
-def _names(value: Any, key: str) -> list[str] | None:
+def _names(value: Any) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -42,35 +44,75 @@ def _names(value: Any, key: str) -> list[str] | None:
     try:
         return [str(v) for v in value]
     except TypeError:
-        raise ConfigError(key, f"must be a list of names or null, got {value!r}") from None
+        raise ValueError(f"must be a list of names or null, got {value!r}") from None
 
 
-def validate_eval_config(ev: Mapping[str, Any]) -> None:
-    """Check ``evaluation.*`` before any work starts; errors name the key."""
-    benchmarks = _names(ev.get("benchmarks"), "evaluation.benchmarks")
-    if benchmarks is not None and (not benchmarks or any(b not in BENCHMARKS for b in benchmarks)):
-        raise ConfigError(
-            "evaluation.benchmarks",
-            f"must be null (every benchmark with a question file) or a non-empty subset of "
-            f"{list(BENCHMARKS)}, got {benchmarks}",
-        )
-    for key in ("batch_size", "max_new_tokens"):
-        value = ev.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"evaluation.{key}", f"must be a positive integer, got {value!r}")
-    limit = ev.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError("evaluation.limit", f"must be a positive integer or null, got {limit!r}")
-    if str(ev.get("dtype", "float32")) not in DTYPES:
-        raise ConfigError("evaluation.dtype", f"must be one of {list(DTYPES)}, got {ev.get('dtype')!r}")
-    device = str(ev.get("device", "auto"))
-    if device != "auto":
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise ConfigError(
-                "evaluation.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}"
-            ) from None
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_int_or_none(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"must be a positive integer or null, got {value!r}")
+    return value
+
+
+Names = Annotated[list[str] | None, BeforeValidator(_names)]
+PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+
+
+class EvalConfig(ConfigSection):
+    """``evaluation`` (``conf/evaluation/default.yaml``), checked before any work starts: errors name the key."""
+
+    KEY: ClassVar[str] = "evaluation"
+    model_dir: str | None = None
+    output_dir: str | None = None
+    benchmarks: Names = None
+    pope_splits: Names = None
+    vqa_sets: Names = None
+    limit: Annotated[int | None, BeforeValidator(_positive_int_or_none)] = None
+    batch_size: PositiveInt = 16
+    max_new_tokens: PositiveInt = 16
+    device: str = "auto"
+    dtype: str = "float32"
+    prompt_suffix: str | None = None
+    template: str | None = None
+    expert_load: bool = True
+    progress: bool = True
+    mlflow: bool = True
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, benchmarks: list[str] | None) -> list[str] | None:
+        if benchmarks is not None and (not benchmarks or any(b not in BENCHMARKS for b in benchmarks)):
+            raise ValueError(
+                f"must be null (every benchmark with a question file) or a non-empty subset of "
+                f"{list(BENCHMARKS)}, got {benchmarks}"
+            )
+        return benchmarks
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _known_dtype(cls, dtype: Any) -> str:
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"must be one of {list(DTYPES)}, got {dtype!r}")
+        return str(dtype)
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _torch_device(cls, device: Any) -> str:
+        if str(device) != "auto":
+            try:
+                torch.device(str(device))
+            except RuntimeError:
+                raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {str(device)!r}") from None
+        return str(device)
+
+    def selection(self, key: str) -> list[str] | None:
+        """``evaluation.<key>`` of a benchmark kind (``pope_splits``, ``vqa_sets``)."""
+        return getattr(self, key)
 
 
 def _setting(node: Any, key: str, name: str) -> str:
@@ -79,15 +121,21 @@ def _setting(node: Any, key: str, name: str) -> str:
     return f"{'' if present else '+'}{key}.{name}=FILE"
 
 
-def plan_benchmarks(cfg: DictConfig) -> list[Benchmark]:
-    """The question files to evaluate, from ``data.eval.{pope,vqa}`` and ``evaluation.*``.
+def eval_config(cfg: DictConfig) -> EvalConfig:
+    """``cfg.evaluation``, resolved and checked."""
+    return EvalConfig.of(OmegaConf.to_container(cfg.evaluation, resolve=True))
+
+
+def plan_benchmarks(cfg: DictConfig, ev: EvalConfig | None = None) -> list[Benchmark]:
+    """The question files to evaluate, from ``data.eval.{pope,vqa}`` and ``evaluation.*`` (``ev``;
+    default: checked from ``cfg.evaluation``).
 
     ``evaluation.benchmarks: null`` runs every kind that has a question file configured (a real
     dataset without VQA files evaluates POPE only); a kind named explicitly must have one.
     """
-    ev = cfg.evaluation
+    ev = ev or eval_config(cfg)
     eval_data = cfg.data.get("eval") or {}
-    chosen = _names(ev.get("benchmarks"), "evaluation.benchmarks")
+    chosen = ev.benchmarks
     plan: list[Benchmark] = []
     for kind, benchmark in BENCHMARKS.items():
         if chosen is not None and kind not in chosen:
@@ -95,7 +143,7 @@ def plan_benchmarks(cfg: DictConfig) -> list[Benchmark]:
         selection_key = benchmark.selection_key
         node = eval_data.get(kind) or {}
         files = {str(k): v for k, v in node.items()}
-        wanted = _names(ev.get(selection_key), f"evaluation.{selection_key}")
+        wanted = ev.selection(selection_key)
         if wanted is None:
             wanted = [name for name, path in files.items() if path]
             if not wanted and chosen is None:
@@ -204,21 +252,21 @@ def _clear_previous_outputs(out_dir: Path) -> None:
                 file.unlink()
 
 
-def evaluate_benchmark(loaded, bench: Benchmark, ev: Mapping, image_folder, out_dir: Path) -> dict[str, Any]:
+def evaluate_benchmark(
+    loaded, bench: Benchmark, ev: EvalConfig, image_folder, out_dir: Path
+) -> dict[str, Any]:
     """Generate answers for one loaded question file, write them, and score them (paired by id)."""
     from moe_llava.inference import generate_answers
 
     questions = bench.questions
-    dataset = build_dataset(
-        loaded, questions, bench.path, image_folder=image_folder, template=ev.get("template")
-    )
+    dataset = build_dataset(loaded, questions, bench.path, image_folder=image_folder, template=ev.template)
     started = time.perf_counter()
     generated = generate_answers(
         loaded,
         dataset,
-        batch_size=int(ev.batch_size),
-        max_new_tokens=int(ev.max_new_tokens),
-        progress=f"{bench.kind} {bench.name}" if ev.get("progress", True) else False,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        progress=f"{bench.kind} {bench.name}" if ev.progress else False,
     )
     seconds = time.perf_counter() - started
     by_id = {a["question_id"]: a["text"] for a in generated}
@@ -240,7 +288,7 @@ def evaluate_benchmark(loaded, bench: Benchmark, ev: Mapping, image_folder, out_
 
 
 def evaluate_plan(
-    loaded, plan: Sequence[Benchmark], ev: Mapping, image_folder, out_dir: Path
+    loaded, plan: Sequence[Benchmark], ev: EvalConfig, image_folder, out_dir: Path
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Every benchmark of the plan: scores by key, and flat metrics per file then per kind."""
     scores: dict[str, Any] = {}
@@ -306,92 +354,111 @@ def start_eval_run(cfg: DictConfig, stage: str, stage_dir: Path, tags: Mapping[s
     )
 
 
-def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``evaluation.model_dir`` (default ``<run_dir>/<stage>/export``; a folder or an MLflow
-    model URI such as ``models:/moe-llava@champion``); returns the flat metrics."""
-    from moe_llava.inference import load_pretrained
+@contextmanager
+def model_source(ev: EvalConfig, stage_dir: Path, uri: str) -> Iterator[Path]:
+    """The export to evaluate: ``evaluation.model_dir`` (default ``<stage_dir>/export``), or the
+    export of an MLflow model URI (``models:/NAME@ALIAS``, ``runs:/...``) downloaded for the block."""
     from moe_llava.registry.model import URI_SCHEMES, local_export
-    from moe_llava.tracking import provenance_tags, require_server, tracking_uri
 
-    requested = str(cfg.evaluation.get("model_dir") or "")
-    if cfg.evaluation.get("mlflow", True) or requested.startswith(URI_SCHEMES):  # before any work
-        require_server(tracking_uri(cfg.logger), cfg.logger.get("connect_timeout_s"))
-    if requested.startswith(URI_SCHEMES):  # models:/NAME@ALIAS, runs:/...: download, then evaluate the folder
-        with local_export(requested, tracking_uri=tracking_uri(cfg.logger)) as export:
-            cfg = cfg.copy()
-            OmegaConf.update(cfg, "evaluation.model_dir", str(export))
-            return run_evaluation(cfg)
-    cfg = cfg.copy()
-    OmegaConf.resolve(cfg)
-    ev = cfg.evaluation
-    validate_eval_config(OmegaConf.to_container(ev))
-    stage = str(cfg.stage.name)
-    stage_dir = Path(cfg.run_dir) / stage
-    model_dir = Path(ev.model_dir) if ev.get("model_dir") else stage_dir / "export"
-    out_dir = Path(ev.output_dir) if ev.get("output_dir") else stage_dir / "eval"
+    if ev.model_dir and ev.model_dir.startswith(URI_SCHEMES):
+        with local_export(ev.model_dir, tracking_uri=uri) as export:
+            yield export
+        return
+    model_dir = Path(ev.model_dir) if ev.model_dir else stage_dir / "export"
     if not (model_dir / "config.json").is_file():
         raise ConfigError(
             "evaluation.model_dir",
             f"{model_dir} is not a model export (no config.json); train the stage first or set evaluation.model_dir",
         )
-    plan = plan_benchmarks(cfg)
-    started = time.perf_counter()
-    # the benchmarks' images: data.eval.image_folder (e.g. COCO val2014 for POPE), else the training images'
-    image_folder = (cfg.data.get("eval") or {}).get("image_folder") or cfg.data.get("image_folder")
-    # every question file is read and checked before the model loads: a bad line fails in seconds
-    for bench in plan:
-        bench.load(prompt_suffix=ev.get("prompt_suffix"), limit=ev.get("limit"), image_folder=image_folder)
-    dtype = DTYPES[str(ev.get("dtype", "float32"))]
-    loaded = load_pretrained(model_dir, device=resolve_device(str(ev.get("device", "auto"))), dtype=dtype)
-    model = loaded.model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_previous_outputs(out_dir)
+    yield model_dir
 
-    run = TrackedRun.inert()
-    if ev.get("mlflow", True):
-        tags = {
-            "stage": stage,
-            "evaluation": "true",
-            "model_dir": str(model_dir.resolve()),
-            **provenance_tags(model),
-        }
-        run = start_eval_run(cfg, stage, stage_dir, tags)
-    with run:  # FINISHED, or KILLED / FAILED with the error
-        if run.active:
-            (out_dir / RUN_ID_FILE).write_text(run.run_id)
-        record_load = bool(ev.get("expert_load", True)) and model.is_moe
-        recorder = ExpertLoadRecorder(model.language_model) if record_load else nullcontext()
-        with recorder:
-            scores, metrics = evaluate_plan(loaded, plan, ev, image_folder, out_dir)
-        if record_load:
-            expert_load = recorder.summary()
-            write_json(out_dir / "expert_load.json", expert_load)
-            plot_expert_load(
-                expert_load, out_dir / "expert_load.png", title=f"expert load: {stage} ({model_dir})"
-            )
-            metrics.update(expert_load_metrics(expert_load))
-        else:
-            reason = "dense model (no MoE layer)" if not model.is_moe else "evaluation.expert_load=false"
-            logger.info("expert-load analysis skipped: %s", reason)
-        metrics.update(totals(scores, wall_time_s=time.perf_counter() - started))
-        details = {
-            "model_dir": str(model_dir),
-            "stage": stage,
-            "expert_load": "recorded"
-            if record_load
-            else ("skipped: dense model" if not model.is_moe else "disabled"),
-            "mlflow_run_id": run.run_id,
-            "benchmarks": scores,
-        }
-        write_json(out_dir / "scores.json", details)
-        write_json(out_dir / "metrics.json", metrics)
-        run.log_params(
-            {
-                "evaluation": OmegaConf.to_container(ev),
-                "questions": {b.key: str(b.path) for b in plan},
-                "model_dir": str(model_dir),
+
+def load_questions(cfg: DictConfig, ev: EvalConfig) -> tuple[list[Benchmark], Any]:
+    """The plan's question files, read and checked (a bad line fails in seconds, before the model
+    loads), and the benchmarks' image folder: ``data.eval.image_folder`` (e.g. COCO val2014 for
+    POPE), else the training images'."""
+    plan = plan_benchmarks(cfg, ev)
+    image_folder = (cfg.data.get("eval") or {}).get("image_folder") or cfg.data.get("image_folder")
+    for bench in plan:
+        bench.load(prompt_suffix=ev.prompt_suffix, limit=ev.limit, image_folder=image_folder)
+    return plan, image_folder
+
+
+def measure(loaded, plan, ev: EvalConfig, image_folder, out_dir: Path, title: str) -> tuple[dict, dict, str]:
+    """Scores by benchmark, the flat metrics (expert load of an MoE model included) and what
+    became of the expert-load analysis."""
+    model = loaded.model
+    record_load = ev.expert_load and model.is_moe
+    recorder = ExpertLoadRecorder(model.language_model) if record_load else nullcontext()
+    with recorder:
+        scores, metrics = evaluate_plan(loaded, plan, ev, image_folder, out_dir)
+    if record_load:
+        expert_load = recorder.summary()
+        write_json(out_dir / "expert_load.json", expert_load)
+        plot_expert_load(expert_load, out_dir / "expert_load.png", title=f"expert load: {title}")
+        metrics.update(expert_load_metrics(expert_load))
+        return scores, metrics, "recorded"
+    reason = "dense model (no MoE layer)" if not model.is_moe else "evaluation.expert_load=false"
+    logger.info("expert-load analysis skipped: %s", reason)
+    return scores, metrics, "skipped: dense model" if not model.is_moe else "disabled"
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``evaluation.model_dir`` (default ``<run_dir>/<stage>/export``; a folder or an MLflow
+    model URI such as ``models:/moe-llava@champion``); returns the flat metrics."""
+    from moe_llava.inference import load_pretrained
+    from moe_llava.registry.model import URI_SCHEMES
+    from moe_llava.tracking import provenance_tags, require_server, tracking_uri
+
+    cfg = cfg.copy()
+    OmegaConf.resolve(cfg)
+    ev = eval_config(cfg)
+    uri = tracking_uri(cfg.logger)
+    if ev.mlflow or (ev.model_dir or "").startswith(URI_SCHEMES):  # before any work
+        require_server(uri, cfg.logger.get("connect_timeout_s"))
+    stage = str(cfg.stage.name)
+    stage_dir = Path(cfg.run_dir) / stage
+    out_dir = Path(ev.output_dir) if ev.output_dir else stage_dir / "eval"
+
+    with model_source(ev, stage_dir, uri) as model_dir:
+        started = time.perf_counter()
+        plan, image_folder = load_questions(cfg, ev)
+        loaded = load_pretrained(model_dir, device=resolve_device(ev.device), dtype=DTYPES[ev.dtype])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _clear_previous_outputs(out_dir)
+
+        run = TrackedRun.inert()
+        if ev.mlflow:
+            tags = {
+                "stage": stage,
+                "evaluation": "true",
+                "model_dir": str(model_dir.resolve()),
+                **provenance_tags(loaded.model),
             }
-        )
-        run.log_metrics(metrics)
-        run.log_artifacts(out_dir, "eval")
+            run = start_eval_run(cfg, stage, stage_dir, tags)
+        with run:  # FINISHED, or KILLED / FAILED with the error
+            if run.active:
+                (out_dir / RUN_ID_FILE).write_text(run.run_id)
+            scores, metrics, expert_load = measure(
+                loaded, plan, ev, image_folder, out_dir, title=f"{stage} ({model_dir})"
+            )
+            metrics.update(totals(scores, wall_time_s=time.perf_counter() - started))
+            details = {
+                "model_dir": str(model_dir),
+                "stage": stage,
+                "expert_load": expert_load,
+                "mlflow_run_id": run.run_id,
+                "benchmarks": scores,
+            }
+            write_json(out_dir / "scores.json", details)
+            write_json(out_dir / "metrics.json", metrics)
+            run.log_params(
+                {
+                    "evaluation": ev.model_dump(),
+                    "questions": {b.key: str(b.path) for b in plan},
+                    "model_dir": str(model_dir),
+                }
+            )
+            run.log_metrics(metrics)
+            run.log_artifacts(out_dir, "eval")
     return metrics

@@ -42,11 +42,10 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"  # registered model tag
 ALIAS_HISTORY_TAG = "alias_history"  # model version tag
-METRICS_TAG = "metrics"  # model version tag: the whole metrics dict as JSON
-METRIC_TAG_PREFIX = "metric."  # one version tag per numeric metric, e.g. metric.pope/mean_f1
-# Per-layer routing detail (moe/layer<i>/...: hundreds of keys) stays in the `metrics` JSON tag only.
-DETAIL_PREFIXES = ("moe/",)
-MAX_TAG_VALUE = 100_000  # MLflow's limit on a model version tag value
+# Versions registered before metrics went onto the logged model kept them in tags: read as a fallback.
+LEGACY_METRICS_TAG = "metrics"  # the whole metrics dict as JSON
+LEGACY_METRIC_TAG_PREFIX = "metric."
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on the metrics of one log_batch
 LOCK_SUFFIX = ".lock"  # the registry's lock: a registered model named <model_name>.lock
 LOCK_WAIT_S = 60.0
 
@@ -109,13 +108,15 @@ class ModelRegistry:
         return self.aliases().get(CHALLENGER)
 
     def version_metrics(self, version: str) -> dict[str, Any]:
-        tags = self._version(version).tags
-        if METRICS_TAG in tags:
-            try:
-                return dict(json.loads(tags[METRICS_TAG]))
-            except (ValueError, TypeError):
-                pass
-        return {k[len(METRIC_TAG_PREFIX) :]: v for k, v in tags.items() if k.startswith(METRIC_TAG_PREFIX)}
+        """The metrics of ``version``'s logged model (the latest value of each name), where
+        :meth:`register` and :meth:`add_metrics` log them; the gate reads every version this way."""
+        mv = self._version(version)
+        model_id = _model_id(mv)
+        logged = self.client.get_logged_model(model_id).metrics if model_id else None
+        if logged:
+            latest = sorted(logged, key=lambda m: (m.timestamp, m.step))
+            return {m.key: m.value for m in latest}
+        return _legacy_tag_metrics(mv.tags)
 
     def alias_history(self, version: str) -> list[dict[str, Any]]:
         return _json_list(self._version(version).tags.get(ALIAS_HISTORY_TAG))
@@ -182,38 +183,28 @@ class ModelRegistry:
         tags: Mapping[str, Any] | None = None,
         apply_gate: bool = True,
     ) -> RegistrationResult:
-        """Create a version from ``model_uri`` tagged with ``metrics`` and ``tags``; it becomes challenger,
-        then champion if the gate passes (or if there is no champion yet)."""
+        """Create a version from the logged model ``model_uri`` (``models:/m-...``, one per version)
+        with ``tags``; ``metrics`` are logged on that model through run ``run_id`` (default: the
+        model's run), which records them too. It becomes challenger, then champion if the gate
+        passes (or if there is no champion yet)."""
+        model = self._logged_model(model_uri)
+        run_id = run_id or model.source_run_id
+        self._log_model_metrics(model.model_id, run_id, metrics)
         version_tags = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
-        version_tags[METRICS_TAG] = _metrics_json(metrics)
-        version_tags.update(
-            {
-                f"{METRIC_TAG_PREFIX}{k}": repr(v)
-                for k, v in numeric_metrics(metrics).items()
-                if not k.startswith(DETAIL_PREFIXES)
-            }
-        )
-        version_tags.update(
-            {
-                "gate.metric": self.gate.metric,
-                "gate.direction": self.gate.direction,
-                "gate.min_margin": repr(self.gate.min_margin),
-            }
-        )
         self._ensure_registered_model()
-        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
         mv = self.client.create_model_version(
-            self.model_name, source=model_uri, run_id=run_id, tags=version_tags, model_id=model_id
+            self.model_name, source=model_uri, run_id=run_id, tags=version_tags, model_id=model.model_id
         )
         with self.locked():
-            return self._judge(str(mv.version), metrics, apply_gate)
+            return self._judge(str(mv.version), apply_gate)
 
-    def _judge(self, version: str, metrics: Mapping[str, Any], apply_gate: bool) -> RegistrationResult:
-        """The gate's decision on a new version against the current champion, and the aliases it moves."""
+    def _judge(self, version: str, apply_gate: bool) -> RegistrationResult:
+        """The gate's decision on a new version against the current champion, and the aliases it moves;
+        both versions' metrics read the same way."""
         champion = self.champion()
         decision = decide(
             self.gate,
-            metrics,
+            self.version_metrics(version),
             champion,
             self.version_metrics(champion) if champion is not None else None,
         )
@@ -222,7 +213,7 @@ class ModelRegistry:
                 decision, promote=False, reason="gate not applied (--no-gate): stays challenger"
             )
         self._set_tag(version, "gate.decision", "champion" if decision.promote else "challenger")
-        self._set_tag(version, "gate.reason", decision.reason)
+        self._set_tag(version, "gate.reason", decision.reason)  # names the metric, both values, the margin
         self._move_alias(CHALLENGER, version, f"registered: {decision.reason}", by="register")
         if decision.promote:
             self._set_champion(version, f"gate: {decision.reason}", by="gate")
@@ -235,22 +226,27 @@ class ModelRegistry:
         )
 
     def add_metrics(
-        self, version: str | int, metrics: Mapping[str, Any], *, tags: Mapping[str, Any] | None = None
+        self,
+        version: str | int,
+        metrics: Mapping[str, Any],
+        *,
+        run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Merge ``metrics`` measured later (e.g. ``moe-llava eval benchmark``'s ``lmms/...``) into a
-        version's metrics, where the gate reads them (a new value replaces the old one of that name),
-        and set ``tags``; under the registry's lock, so two merges never lose each other's keys."""
+        """Log ``metrics`` measured later (e.g. ``moe-llava eval benchmark``'s ``lmms/...``) on a
+        version's logged model through run ``run_id`` (default: the version's run), where the gate
+        reads them (a new value replaces the old one of that name), and set ``tags``; returns the
+        version's metrics. Logged metrics are only ever added, so two merges never lose each other's."""
         version = str(version)
-        with self.locked():
-            merged = {**self.version_metrics(version), **dict(metrics)}
-            self._set_tag(version, METRICS_TAG, _metrics_json(merged))
-            for key, value in numeric_metrics(metrics).items():
-                if not key.startswith(DETAIL_PREFIXES):
-                    self._set_tag(version, f"{METRIC_TAG_PREFIX}{key}", repr(value))
-            for key, value in (tags or {}).items():
-                if value is not None:
-                    self._set_tag(version, str(key), str(value))
-        return merged
+        mv = self._version(version)
+        model_id = _model_id(mv)
+        if not model_id:
+            raise UserError(f"v{version} of {self.model_name!r} has no logged model to log metrics on")
+        self._log_model_metrics(model_id, run_id or mv.run_id, metrics)
+        for key, value in (tags or {}).items():
+            if value is not None:
+                self._set_tag(version, str(key), str(value))
+        return self.version_metrics(version)
 
     def promote(self, version: str | int, reason: str | None = None) -> dict[str, Any]:
         """Make ``version`` champion by hand (whatever the gate says)."""
@@ -397,6 +393,26 @@ class ModelRegistry:
             self.model_name, HISTORY_TAG, json.dumps([str(v) for v in history])
         )
 
+    def _logged_model(self, model_uri: str):
+        from mlflow.exceptions import MlflowException
+
+        model_id = model_uri.removeprefix("models:/")
+        if not model_id.startswith("m-"):
+            raise UserError(f"{model_uri}: expected a logged model URI (models:/m-...), one per version")
+        try:
+            return self.client.get_logged_model(model_id)
+        except MlflowException as err:
+            raise UserError(f"{model_uri}: no such logged model ({err.message})") from None
+
+    def _log_model_metrics(self, model_id: str, run_id: str, metrics: Mapping[str, Any]) -> None:
+        """The numeric ``metrics`` on logged model ``model_id`` and on run ``run_id``, in one go."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(k, v, stamp, 0, model_id=model_id) for k, v in numeric_metrics(metrics).items()]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+
     def _set_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.model_name, version, key, value)
 
@@ -449,14 +465,20 @@ class ModelRegistry:
         return True
 
 
-def _metrics_json(metrics: Mapping[str, Any]) -> str:
-    text = json.dumps(dict(metrics), sort_keys=True, default=str)
-    if len(text) > MAX_TAG_VALUE:  # keep the headline metrics, drop the per-layer detail
-        kept = {k: v for k, v in metrics.items() if not str(k).startswith(DETAIL_PREFIXES)}
-        text = json.dumps(
-            {**kept, "_truncated": "per-layer moe/* metrics: see the run"}, sort_keys=True, default=str
-        )
-    return text[:MAX_TAG_VALUE]
+def _model_id(mv) -> str | None:
+    """The logged model of a version: the SQL registry keeps its source ``models:/m-...``, not its id."""
+    if mv.model_id:
+        return mv.model_id
+    source = str(mv.source or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
+def _legacy_tag_metrics(tags: Mapping[str, str]) -> dict[str, Any]:
+    if LEGACY_METRICS_TAG in tags:
+        with contextlib.suppress(ValueError, TypeError):
+            return dict(json.loads(tags[LEGACY_METRICS_TAG]))
+    prefix = LEGACY_METRIC_TAG_PREFIX
+    return {k[len(prefix) :]: v for k, v in tags.items() if k.startswith(prefix)}
 
 
 def _json_list(text: str | None) -> list[Any]:

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from moe_llava.errors import UserError
-from moe_llava.registry.gate import load_metrics, numeric_metrics
+from moe_llava.registry.gate import load_metrics
 from moe_llava.registry.model import log_pyfunc_model, resolve_export_dir
 from moe_llava.registry.registry import ModelRegistry, RegistrationResult
 from moe_llava.registry.settings import RegistrySettings
-
-MAX_CONFIG_TAG = 50_000  # characters of config kept in the version tag (the full text is a run artifact)
 
 
 def register_export(
@@ -67,23 +65,15 @@ def register_export(
         run_id = mlflow.active_run().info.run_id
         run_tags = mlflow.get_run(run_id).data.tags
         config_text = _config_text(config, run_id)
-        scalars = numeric_metrics(metrics)
-        if scalars:
-            mlflow.log_metrics(scalars)
         mlflow.log_dict(dict(metrics), "registry/metrics.json")
         if config_text:
             mlflow.log_text(config_text, "registry/config.yaml")
         model_info = log_pyfunc_model(export_dir, pyfunc_config=settings.pyfunc)
-        if len(config_text or "") > MAX_CONFIG_TAG:
-            config_text = (
-                config_text[:MAX_CONFIG_TAG] + "\n# ... truncated: see the run artifact registry/config.yaml"
-            )
-        tags = {
+        tags = {  # what a person reads on the version page; metrics go on the logged model
+            "stage": run_tags.get("stage") or _config_value(config_text, "stage", "name"),
+            "recipe": _config_value(config_text, "experiment_name"),
+            "moe": run_tags.get("moe") or _moe_summary(export_dir),
             **provenance_tags(inherited=run_tags),
-            "config": config_text,
-            "source_run_id": run_id,
-            "source_export": str(export_dir.resolve()),
-            "logged_model_uri": model_info.model_uri,
         }
         registry = ModelRegistry(settings.model_name, settings.gate, tracking_uri=uri)
         result = registry.register(
@@ -93,12 +83,32 @@ def register_export(
         mlflow.set_tags(
             {
                 **provenance,  # the run says what the version was built from, as the version does
+                "source_export": str(export_dir.resolve()),
                 "registered_model": settings.model_name,
                 "registered_version": result.version,
                 "gate_decision": "champion" if result.decision.promote else "challenger",
             }
         )
     return result
+
+
+def _config_value(config_text: str | None, *keys: str) -> str | None:
+    """``config[keys[0]][keys[1]]...`` of the YAML config (e.g. ``experiment_name``: the recipe), if set."""
+    import yaml
+
+    try:
+        value: Any = yaml.safe_load(config_text or "")
+    except yaml.YAMLError:
+        return None
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return None if value is None or isinstance(value, dict) else str(value)
+
+
+def _moe_summary(export_dir: Path) -> str:
+    """The export's MoE settings as JSON, or ``dense``: the ``moe`` tag of the training runs."""
+    moe = json.loads((export_dir / "config.json").read_text()).get("moe")
+    return json.dumps(moe) if moe else "dense"
 
 
 def _config_text(config: Mapping[str, Any] | str | Path | None, run_id: str) -> str | None:
