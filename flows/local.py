@@ -20,7 +20,10 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from flows import PROJECT_ROOT
+from flows.steps import StepFailed, python, run_command
+from moe_llava.pipeline.params import STAGE3_PARAMS
+
 START_TIMEOUT_S = 120
 
 
@@ -43,9 +46,15 @@ def free_port(preferred: int = 4200) -> int:
 
 
 def start(argv: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+    """A background service (a server, serve.py) in its own process group, for :func:`stop`."""
     out = open(log, "ab") if log else None  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+        argv,
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        start_new_session=True,
     )
 
 
@@ -71,11 +80,11 @@ def wait_until(check, what: str, proc: subprocess.Popen, timeout: float = START_
 
 
 def prefect(*args: str) -> list[str]:
-    return [sys.executable, "-m", "prefect", *args]
+    return python("-m", "prefect", *args)
 
 
 def main(overrides: list[str]) -> int:
-    env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(ROOT / ".prefect"))}
+    env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))}
     env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lightning.pytorch")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the local server sends no telemetry
     server = serve = None
@@ -95,25 +104,35 @@ def main(overrides: list[str]) -> int:
             wait_until(lambda: healthy(api_url), "the Prefect server", server)
         env["PREFECT_API_URL"] = api_url
         print(f"make run: Prefect API {api_url}; serving the moe-tuning deployments")
-        serve = start([sys.executable, "-m", "flows.serve"], env)
+        serve = start(python("-m", "flows.serve"), env)
 
         def deployed() -> bool:
-            probe = [*prefect("deployment", "inspect", "moe-tuning/full")]
-            return subprocess.run(probe, cwd=ROOT, env=env, capture_output=True).returncode == 0
+            probe = prefect("deployment", "inspect", "moe-tuning/full")
+            try:
+                run_command("deployment inspect", probe, log=lambda line: None, env=env)
+            except StepFailed:
+                return False
+            return True
 
         wait_until(deployed, "the deployment server (flows/serve.py)", serve)
         params = ["-p", f"overrides={json.dumps(overrides)}"] if overrides else []
-        run = subprocess.run(
-            prefect("deployment", "run", "moe-tuning/full", "--watch", *params), cwd=ROOT, env=env
-        )
-        run_dir = Path(yaml.safe_load((ROOT / "params" / "stage3.yaml").read_text())["run_dir"])
-        summary = ROOT / run_dir / "summary.md"
-        if run.returncode == 0 and summary.is_file():
+        try:
+            run_command(
+                "moe-tuning/full",
+                prefect("deployment", "run", "moe-tuning/full", "--watch", *params),
+                env=env,
+            )
+        except StepFailed as err:
+            print(f"make run: moe-tuning/full failed (exit {err.returncode})", file=sys.stderr)
+            return err.returncode
+        run_dir = Path(yaml.safe_load((PROJECT_ROOT / STAGE3_PARAMS).read_text())["run_dir"])
+        summary = PROJECT_ROOT / run_dir / "summary.md"
+        if summary.is_file():
             print("\n" + summary.read_text())
             print(
                 f"Prefect UI: PREFECT_HOME={env['PREFECT_HOME']} prefect server start  (then http://127.0.0.1:4200)"
             )
-        return run.returncode
+        return 0
     except KeyboardInterrupt:
         print("make run: interrupted; stopping what it started (a re-run resumes)", file=sys.stderr)
         return 130

@@ -1,9 +1,10 @@
 """The `moe-tuning` Prefect flow: data -> backbones -> stages 1-3 -> evaluation -> registration.
 
-Orchestration only. Every step is a command of the `moe_llava` package run as a subprocess (so
-Lightning's launchers, torchrun and GPUs work, and a timeout really stops it); the training and
-evaluation steps run as DVC stages (`dvc repro --single-item <stage>`), so the flow and
-`dvc repro` share one notion of "up to date": a stage whose inputs did not change is skipped.
+Orchestration only. Every step runs commands of the `moe_llava` package (or DVC) as subprocesses
+through :func:`flows.steps.run_command` (so Lightning's launchers, torchrun and GPUs work, and a
+timeout really stops them); the training and evaluation steps are DVC stages, run with
+`dvc repro --single-item <stage>` unless DVC's status says the stage is up to date, so the flow and
+`dvc repro` share one notion of "up to date".
 
 Deployments (served by flows/serve.py, or `prefect deploy` with flows/prefect.yaml):
   moe-tuning/full      the whole pipeline
@@ -16,12 +17,8 @@ Deployments (served by flows/serve.py, or `prefect deploy` with flows/prefect.ya
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,73 +27,46 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows import summary
+from flows import PROJECT_ROOT, data, summary
+from flows.steps import dvc_changes, python, run_command
+from moe_llava.pipeline.params import STAGE3_PARAMS
 from moe_llava.tracking import PARENT_RUN_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
-TAIL_LINES = 40  # of a failed step's output, in its error
-KEPT_LINES = 400  # of every step's output, for the summary (the registration's JSON)
-PROGRESS_EVERY_S = 10.0  # one progress-bar line per this many seconds reaches the Prefect log
 
-
-class StepFailed(RuntimeError):
-    """A step's command exited non-zero; the message carries the last lines it printed."""
+def _finished(name: str, started: float, skipped: bool) -> dict[str, Any]:
+    seconds = time.perf_counter() - started
+    get_run_logger().info("%s: %s in %.0f s", name, "up to date, skipped" if skipped else "done", seconds)
+    return {"name": name, "seconds": seconds, "skipped": skipped}
 
 
 @task(task_run_name="{name}")
 def run_step(name: str, argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one command, streaming its lines into the Prefect log; fail with its last lines."""
-    logger = get_run_logger()
-    logger.info("%s: %s", name, " ".join(argv))
+    """Run one command, its lines streamed into the Prefect log (:func:`flows.steps.run_command`)."""
     started = time.perf_counter()
-    tail: deque[str] = deque(maxlen=KEPT_LINES)
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    # `python` in dvc.yaml's commands: this interpreter's environment, whoever started the worker.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
-    last_progress = 0.0
-    buffer = b""
-    assert proc.stdout is not None
-    # Progress bars redraw with '\r': split on both, and pass one redraw per PROGRESS_EVERY_S.
-    while chunk := proc.stdout.read1(65536):
-        buffer += chunk
-        *lines, buffer = re.split(rb"[\r\n]", buffer)
-        for raw in lines:
-            line = raw.decode(errors="replace").rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            is_progress = "it/s]" in line or "s/it]" in line or re.search(r"\d+/\d+ \[", line)
-            now = time.monotonic()
-            if is_progress and now - last_progress < PROGRESS_EVERY_S:
-                continue
-            last_progress = now if is_progress else last_progress
-            logger.info("%s | %s", name, line)
-    if buffer.strip():
-        tail.append(buffer.decode(errors="replace").rstrip())
-    code = proc.wait()
-    seconds = time.perf_counter() - started
-    if code != 0:
-        raise StepFailed(
-            f"{name} failed (exit {code}) after {seconds:.0f} s; its last lines:\n"
-            + "\n".join(list(tail)[-TAIL_LINES:])
+    run_command(name, argv, log=get_run_logger().info, env=env)
+    return _finished(name, started, skipped=False)
+
+
+@task(task_run_name="{name}")
+def dvc_step(name: str, stage: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>`` unless DVC's status says the stage is up to date."""
+    started = time.perf_counter()
+    changes = dvc_changes(stage)
+    if changes:
+        get_run_logger().info("%s: DVC status %s", name, json.dumps(changes))
+        run_command(
+            name, python("-m", "dvc", "repro", "--single-item", stage), log=get_run_logger().info, env=env
         )
-    output = "\n".join(tail)
-    skipped = bool(
-        re.search(r"didn't change, skipping|is cached - skipping|up to date with data.dvc", output)
-    )
-    logger.info("%s: %s in %.0f s", name, "up to date, skipped" if skipped else "done", seconds)
-    return {"name": name, "seconds": seconds, "skipped": skipped, "output": output}
+    return _finished(name, started, skipped=not changes)
 
 
-def python(*args: str) -> list[str]:
-    return [sys.executable, *args]
-
-
-def dvc_stage(stage: str) -> list[str]:
-    return python("-m", "dvc", "repro", "--single-item", stage)
+@task(task_run_name="data")
+def data_step(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """data/ as data.dvc has it (:func:`flows.data.sync`)."""
+    started = time.perf_counter()
+    outcome = data.sync(log=get_run_logger().info, env=env)
+    get_run_logger().info("data: %s", outcome)
+    return _finished("data", started, skipped=outcome == data.UP_TO_DATE)
 
 
 def benchmark_step(
@@ -111,7 +81,7 @@ def benchmark_step(
     """`moe-llava eval benchmark` of ``model`` into ``<benchmark_dir>/<model>/<flow run>``; its table
     as a markdown artifact, its metrics as the result."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
-    out = Path(benchmark_dir or ROOT / "artifacts" / "benchmark") / name / str(flow_run.id)
+    out = Path(benchmark_dir or PROJECT_ROOT / "artifacts" / "benchmark") / name / str(flow_run.id)
     argv = python(
         "-m", "moe_llava.cli", "eval", "benchmark", "--model", model, "--tasks", tasks,
         "--output-dir", str(out),
@@ -128,7 +98,7 @@ def benchmark_step(
     )
     print(table)
     return {
-        "steps": [{k: result[k] for k in ("name", "seconds", "skipped")}],
+        "steps": [result],
         "metrics": json.loads((out / "metrics.json").read_text()),
         "output_dir": str(out),
     }
@@ -159,7 +129,8 @@ def moe_tuning(
     retries: how often a failed step is retried (transient failures), with a delay between tries.
     """
     logger = get_run_logger()
-    step = run_step.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    retry = {"retries": retries, "retry_delay_seconds": retry_delay_seconds}
+    step, stage_step = run_step.with_options(**retry), dvc_step.with_options(**retry)
     if pipeline == "benchmark":  # no training config: the model and lmms-eval's tasks are all it needs
         if not model:
             raise ValueError("the benchmark pipeline needs model (a folder or a models:/ URI)")
@@ -170,8 +141,8 @@ def moe_tuning(
 
     # The parameter files that dvc.yaml reads, composed from conf/ with this run's overrides.
     step("params", python("-m", "moe_llava.cli", "pipeline", "params", *overrides))
-    cfg = yaml.safe_load((ROOT / "params" / "stage3.yaml").read_text())
-    run_dir, experiment = Path(cfg["run_dir"]), cfg["experiment_name"]
+    cfg = yaml.safe_load((PROJECT_ROOT / STAGE3_PARAMS).read_text())
+    run_dir, experiment = PROJECT_ROOT / cfg["run_dir"], cfg["experiment_name"]
     ui_url = flow_run.ui_url if str(flow_run.ui_url).startswith("http") else None  # None without a UI
     parent = summary.start_parent_run(
         cfg, flow_run_id=str(flow_run.id), flow_run_name=str(flow_run.name), flow_run_url=ui_url
@@ -185,12 +156,12 @@ def moe_tuning(
         env = {PARENT_RUN_ENV: parent.run_id}  # every stage, evaluation and registration nests under it
         steps: list[dict[str, Any]] = []
         if pipeline in ("full", "stage3"):
-            steps.append(step("data", python("-m", "flows.data"), env))
+            steps.append(data_step.with_options(**retry)(env))
         if pipeline == "full":
             for stage in ("backbones", "stage1", "stage2", "stage3"):
-                steps.append(step(stage, dvc_stage(stage), env))
+                steps.append(stage_step(stage, stage, env))
             for stage in ("stage2", "stage3"):
-                steps.append(step(f"evaluate-{stage}", dvc_stage(f"evaluate@{stage}"), env))
+                steps.append(stage_step(f"evaluate-{stage}", f"evaluate@{stage}", env))
         elif pipeline == "stage3":
             if not init_from:
                 raise ValueError(
@@ -211,23 +182,26 @@ def moe_tuning(
             steps.append(step("evaluate", evaluate, env))
         decision = None
         if register and pipeline != "evaluate":
+            registration = run_dir / "stage3" / "registration.json"
+            registration.unlink(missing_ok=True)  # a previous run's
             reg = step(
                 "register",
                 python(
                     "-m", "moe_llava.cli", "registry", "register",
                     "--model-dir", str(run_dir / "stage3" / "export"),
                     "--metrics", str(run_dir / "stage3" / "eval" / "metrics.json"),
-                    "--config", str(ROOT / "params" / "stage3.yaml"),
+                    "--config", str(PROJECT_ROOT / STAGE3_PARAMS),
+                    "--json-out", str(registration),
                     *[arg for o in overrides for arg in ("-o", o)],
                 ),
                 env,
             )  # fmt: skip
             steps.append(reg)
-            decision = summary.registry_decision(reg["output"])
+            decision = json.loads(registration.read_text())
         report = summary.collect(run_dir, steps, decision)
         markdown = summary.markdown(report, cfg, parent.run_id, ui_url)
         summary.finish_parent_run(parent, report, markdown)
-    (ROOT / run_dir / "summary.md").write_text(markdown)
+    (run_dir / "summary.md").write_text(markdown)
     create_markdown_artifact(markdown, key="moe-tuning-summary", description="MoE-Tuning run summary")
     print(markdown)
     return report

@@ -1,7 +1,7 @@
 """The flow's MLflow parent run and its summary (per-stage time and losses, POPE/VQA, the gate).
 
 Reads what the stage commands wrote (``<run_dir>/<stage>/metrics.json``, ``.../eval/metrics.json``)
-and the registration's JSON; computes nothing about models.
+and the registration's JSON (``registry register --json-out``); computes nothing about models.
 """
 
 from __future__ import annotations
@@ -57,18 +57,6 @@ def run_url(cfg: dict, run_id: str) -> str:
     base = client.tracking_uri if client.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
     experiment_id = client.get_run(run_id).info.experiment_id
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
-def registry_decision(output: str) -> dict[str, Any] | None:
-    """The indented JSON object `moe-llava registry register` prints last (None if there is none)."""
-    start = output.rfind("\n{\n") + 1 if "\n{\n" in output else (0 if output.startswith("{\n") else -1)
-    end = output.rfind("\n}")
-    if start < 0 or end < start:
-        return None
-    try:
-        return json.loads(output[start : end + 2])
-    except json.JSONDecodeError:
-        return None
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from moe_llava.cli import main
+from moe_llava.pipeline.params import STAGE3_PARAMS
 from tests.project import clone_overrides, clone_with_tiny_data, sh
 from tests.training.faults import attempts, trained_sequence
 
@@ -109,29 +110,29 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path):
     run("git", "add", "-A", cwd=clone)
     run("git", "commit", "-qm", "evaluation and moe changed", cwd=clone)
     before = lock(clone)
-    experiment = run("dvc", "exp", "run", "-S", "params/stage3.yaml:stage.lr=0.0007", cwd=clone, timeout=300)
+    experiment = run("dvc", "exp", "run", "-S", f"{STAGE3_PARAMS}:stage.lr=0.0007", cwd=clone, timeout=300)
     assert sorted(ran(experiment)) == ["evaluate@stage2", "evaluate@stage3", "stage3"]
     for stage in ("backbones", "stage1", "stage2"):
         assert f"Stage '{stage}' didn't change" in experiment
     # -S rewrites the file through OmegaConf.to_object: the same values (nulls written as empty
     # values, the ${...} interpolation in hydra.run.dir resolved), stage.lr changed, nothing else
-    rewritten = yaml.safe_load((clone / "params" / "stage3.yaml").read_text())
+    rewritten = yaml.safe_load((clone / STAGE3_PARAMS).read_text())
     assert rewritten["hydra"]["run"]["dir"] in ("${run_dir}/${stage.name}/hydra", "artifacts/stage3/hydra")
     stage3 = params["stage3"]
     assert rewritten == {**stage3, "stage": {**stage3["stage"], "lr": 0.0007}, "hydra": rewritten["hydra"]}
     after = lock(clone)
-    assert after["stage3"]["params"]["params/stage3.yaml"]["stage"]["lr"] == 0.0007
-    assert after["stage3"]["params"]["params/stage3.yaml"]["moe"]["router_aux_loss_coef"] == 0.02
+    assert after["stage3"]["params"][str(STAGE3_PARAMS)]["stage"]["lr"] == 0.0007
+    assert after["stage3"]["params"][str(STAGE3_PARAMS)]["moe"]["router_aux_loss_coef"] == 0.02
     assert after["evaluate@stage2"]["params"]["params/stage2.yaml"]["evaluation"]["max_new_tokens"] == 3
     for stage in ("backbones", "stage1", "stage2"):
         assert after[stage] == before[stage]
     assert after["stage3"]["outs"] != before["stage3"]["outs"]  # retrained: new weights
     status = run("git", "status", "--porcelain", cwd=clone)
-    assert sorted(line[3:] for line in status.splitlines()) == ["dvc.lock", "params/stage3.yaml"]
+    assert sorted(line[3:] for line in status.splitlines()) == ["dvc.lock", str(STAGE3_PARAMS)]
 
     # 7. stage 3 killed (SIGKILL at step 2, before its checkpoint), then `dvc repro` again: it resumes
     # from the step-1 checkpoint in the same MLflow run and trains each sample once
-    params_file = clone / "params" / "stage3.yaml"
+    params_file = clone / STAGE3_PARAMS
     stage3 = yaml.safe_load(params_file.read_text())
     faults = "tests.training.faults"
     stage3["callbacks"]["kill"] = {"_target_": f"{faults}.KillAt", "step": 2, "marker": str(tmp_path / "k")}

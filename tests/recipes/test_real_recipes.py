@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from moe_llava.config import compose_config
+from moe_llava.pipeline.params import STAGE3_PARAMS
 from tests.conftest import tiny_vision_values
 from tests.llava_like import write_llava_like
 from tests.project import command_env, sh
@@ -264,10 +265,7 @@ def test_phi2_recipe_through_dvc_repro_without_shapesworld_and_run_dir_outside(w
 
     sh(*params, "evaluation.max_new_tokens=1", "registry.gate.min_margin=0.1", cwd=clone, env=env)
     assert ran(sh("dvc", "repro", "evaluate@stage3", cwd=clone, env=env, timeout=300)) == ["evaluate@stage3"]
-    assert (
-        yaml.safe_load((clone / "params" / "stage3.yaml").read_text())["registry"]["model_name"]
-        == "phi2_clip336"
-    )
+    assert yaml.safe_load((clone / STAGE3_PARAMS).read_text())["registry"]["model_name"] == "phi2_clip336"
 
 
 @pytest.mark.skipif(

@@ -68,11 +68,14 @@ def test_register_promote_rollback_show_from_the_command_line(
         str(metrics),
         "--config",
         str(config),
+        "--json-out",
+        str(tmp_path / "out" / "registration.json"),
         *common,
         *overrides,
     )
     assert code == 0
     first = json.loads(out)
+    assert json.loads((tmp_path / "out" / "registration.json").read_text()) == first  # for scripts
     assert first["version"] == "1" and first["champion"] and first["aliases"] == ["champion"]
     assert first["decision"]["promote"] and first["decision"]["value"] == 0.71
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -51,6 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reg.add_argument("--config", help="the pipeline's config YAML (tagged on the version)")
     reg.add_argument("--run-id", help="log into this MLflow run (e.g. the stage's) instead of a new one")
     reg.add_argument("--no-gate", action="store_true", help="register as challenger, never auto-promote")
+    reg.add_argument(
+        "--json-out",
+        type=Path,
+        metavar="FILE",
+        help="also write the result (version, aliases, the gate's decision) to FILE as one JSON "
+        "document, for scripts (the Prefect flow reads it); the console output stays as it is",
+    )
     reg.set_defaults(func=_register)
 
     promote = commands.add_parser("promote", parents=[common], help="make VERSION the champion by hand")
@@ -106,6 +114,8 @@ def _register(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         apply_gate=not args.no_gate,
     )
+    if args.json_out:
+        _write_json(args.json_out, result.as_dict())
     _print_json(result.as_dict())
     return 0
 
@@ -150,5 +160,16 @@ def _v(version: str | None) -> str:
     return f"v{version}" if version else "-"
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)
+
+
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
+    print(_json(value))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    from moe_llava.atomic import write_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, lambda tmp: tmp.write_text(_json(value) + "\n"), "registration JSON")
