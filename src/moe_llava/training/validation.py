@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from moe_llava.data.images import ASPECT_MODES
 from moe_llava.data.templates import TEMPLATES
@@ -183,17 +183,20 @@ class ExportConfig(ConfigSection):
         return shard
 
 
-def _check_prompt(key: str, template: Any, aspect: Any) -> None:
-    _check(
-        template is None or template in TEMPLATES,
-        f"{key}.template",
-        f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}",
-    )
-    _check(
-        aspect is None or aspect in ASPECT_MODES,
-        f"{key}.image_aspect",
-        f"must be one of {ASPECT_MODES}, got {aspect!r}",
-    )
+def _known_template(template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
+    return template
+
+
+def _known_aspect(aspect: str) -> str:
+    if aspect not in ASPECT_MODES:
+        raise ValueError(f"must be one of {ASPECT_MODES}, got {aspect!r}")
+    return aspect
+
+
+# a stage's prompt format, and the evaluation's (data.eval), checked by the same two rules
+PROMPT_RULES = {"template": _known_template, "image_aspect": _known_aspect}
 
 
 class DataValidationConfig(ConfigSection):
@@ -209,24 +212,10 @@ class DataStageConfig(ConfigSection):
     """``data.stages.<stage>``: a stage's manifests and prompt format."""
 
     KEY: ClassVar[str] = "data.stages"
-    template: str
-    image_aspect: str = "pad"
+    template: Annotated[str, AfterValidator(_known_template)]
+    image_aspect: Annotated[str, AfterValidator(_known_aspect)] = "pad"
     train: str | None = None
     val: str | None = None
-
-    @field_validator("template")
-    @classmethod
-    def _known_template(cls, template: str) -> str:
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
-        return template
-
-    @field_validator("image_aspect")
-    @classmethod
-    def _known_aspect(cls, aspect: str) -> str:
-        if aspect not in ASPECT_MODES:
-            raise ValueError(f"must be one of {ASPECT_MODES}, got {aspect!r}")
-        return aspect
 
 
 class DataConfig(ConfigSection):
@@ -265,8 +254,12 @@ class DataConfig(ConfigSection):
     @field_validator("eval")
     @classmethod
     def _eval_prompt(cls, node: Any) -> Any:
-        if isinstance(node, Mapping):
-            _check_prompt("data.eval", node.get("template"), node.get("image_aspect"))
+        for field, rule in PROMPT_RULES.items():
+            if isinstance(node, Mapping) and node.get(field) is not None:
+                try:
+                    rule(node[field])
+                except ValueError as err:
+                    raise ConfigError(f"data.eval.{field}", str(err)) from None
         return node
 
     @field_validator("pad_color", mode="before")
